@@ -1,0 +1,219 @@
+"""Evaluation report folder: results.json, results.md, SDR and per-landmark plots, overlays.
+
+`results` is the dict returned by `metrics.evaluate` (or the same dict read back from results.json,
+where SDR radii are string keys such as "2" and "2.5").
+"""
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from cc2dv2_jax.evaluation import metrics
+from cc2dv2_jax.evaluation import plots
+from cc2dv2_jax.utils import atomic_write_text
+
+PROTOCOL_TITLES = {"grid": "grid (reference)", "fullres": "full resolution"}
+
+
+def radius_key(r):
+  """JSON key of an SDR radius: 2.0 -> '2', 2.5 -> '2.5'."""
+  return f"{float(r):g}"
+
+
+def _sdr_value(sdr, r):
+  if float(r) in sdr:
+    return sdr[float(r)]
+  return sdr.get(radius_key(r), float("nan"))
+
+
+def to_jsonable(obj):
+  """Arrays -> lists, numpy scalars -> Python, float keys -> radius strings, NaN/inf -> None."""
+  if isinstance(obj, dict):
+    return {(radius_key(k) if isinstance(k, (float, np.floating)) else str(k)): to_jsonable(v)
+            for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return to_jsonable(obj.tolist())
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    v = float(obj)
+    return v if math.isfinite(v) else None
+  if isinstance(obj, np.bool_):
+    return bool(obj)
+  return obj
+
+
+def _protocols(results):
+  return [p for p in metrics.PROTOCOLS if p in results.get("summary", {})]
+
+
+def _num(v, fmt="{:.2f}"):
+  return "n/a" if v is None or not math.isfinite(float(v)) else fmt.format(float(v))
+
+
+def _protocol_title(results, proto):
+  if proto == "grid" and results.get("grid_hw"):
+    h, w = results["grid_hw"]
+    return f"grid {h}x{w} (reference)"
+  return PROTOCOL_TITLES.get(proto, proto)
+
+
+def markdown_table(results):
+  """Summary table: one row per protocol x split with MRE +- std and SDR at every radius."""
+  unit = results.get("unit", "mm")
+  radii = results["radii"]
+  nl = max(int(results.get("num_landmarks", 1)), 1)
+  head = (["protocol", "split", "images", f"MRE ± std ({unit})"] +
+          [f"SDR {radius_key(r)} {unit} (%)" for r in radii])
+  rule = ["---"] * 3 + ["---:"] * (len(head) - 3)
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+  for proto in _protocols(results):
+    for split, s in results["summary"][proto].items():
+      row = [_protocol_title(results, proto), split, str(int(s["n"]) // nl),
+             f"{_num(s['mre'], '{:.3f}')} ± {_num(s['std'], '{:.3f}')}"]
+      row += [_num(_sdr_value(s["sdr"], r)) for r in radii]
+      lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def per_landmark_table(results, protocol="grid", split=metrics.POOLED):
+  """Per-landmark table (1-based landmark numbers) for one protocol and split."""
+  unit = results.get("unit", "mm")
+  radii = results["radii"]
+  head = ["landmark", f"MRE ± std ({unit})"] + [f"SDR {radius_key(r)} (%)" for r in radii]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * len(head)) + "|"]
+  for row in results["per_landmark"][protocol][split]:
+    cells = [str(row["landmark"]), f"{_num(row['mre'])} ± {_num(row['std'])}"]
+    cells += [_num(_sdr_value(row["sdr"], r), "{:.1f}") for r in radii]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _safe_name(text):
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)) or "image"
+
+
+def _overlay_rows(results, overlay_ids, n):
+  """Rows (positions in the evaluated set) to draw: given ids/rows, or 'auto' best/median/worst."""
+  ids = results.get("ids")
+  if overlay_ids is None or n == 0:
+    return []
+  if isinstance(overlay_ids, str) and overlay_ids == "auto":
+    proto = "fullres" if "fullres" in results.get("per_image_mre", {}) else "grid"
+    mre = np.asarray(results.get("per_image_mre", {}).get(proto, []), np.float64)
+    if mre.size != n:
+      return list(range(min(n, 3)))
+    order = np.argsort(np.nan_to_num(mre, nan=np.inf), kind="stable")
+    picks = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]
+    return list(dict.fromkeys(picks))
+  rows = []
+  for item in overlay_ids:
+    if isinstance(item, (int, np.integer)):
+      rows.append(int(item))
+    elif ids is not None and str(item) in ids:
+      rows.append(ids.index(str(item)))
+    else:
+      raise ValueError(f"overlay id {item!r} is not among the evaluated images")
+  for r in rows:
+    if not 0 <= r < n:
+      raise ValueError(f"overlay row {r} outside 0..{n - 1}")
+  return rows
+
+
+def _pick(container, row, key):
+  if container is None:
+    return None
+  if isinstance(container, dict):
+    return container.get(key, container.get(row))
+  return container[row]
+
+
+def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay_ids="auto"):
+  """Writes the evaluation report folder.
+
+  Args:
+    results: dict from `metrics.evaluate`.
+    out_dir: folder (created).
+    images: optional per evaluated image (sequence of M, or {id: image}): uint8 [H, W] to draw on.
+    preds: [M, L, 2] (or {id: [L, 2]}) predictions in the pixel frame of `images`.
+    gts: same for the ground truth, or None to draw predictions only.
+    overlay_ids: 'auto' (best, median and worst image by per-image MRE), a list of image ids or
+      row positions, or None for no overlays. Overlays need `images` and `preds`.
+  Files: results.json, results.md, sdr_vs_radius.png, per_landmark_error.png, overlays/<id>.png.
+  Returns {name: path} of the files written.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  written = {}
+  path = os.path.join(out_dir, "results.json")
+  atomic_write_text(path, json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n")
+  written["results.json"] = path
+
+  unit = results.get("unit", "mm")
+  protos = _protocols(results)
+  radii = results["radii"]
+  series = {}
+  for proto in protos:
+    for split, s in results["summary"][proto].items():
+      series[f"{PROTOCOL_TITLES.get(proto, proto)}, {split}"] = (
+          radii, [_sdr_value(s["sdr"], r) for r in radii])
+  path = os.path.join(out_dir, "sdr_vs_radius.png")
+  plots.line_plot(series, "Successful detection rate", f"radius ({unit})", "SDR (%)", path,
+                  legend="lower right", ylim=(0.0, 102.0),
+                  yticks=list(range(0, 101, 10)))
+  written["sdr_vs_radius.png"] = path
+
+  path = os.path.join(out_dir, "per_landmark_error.png")
+  values, errs, labels = {}, {}, None
+  for proto in protos:
+    rows = results["per_landmark"][proto][metrics.POOLED]
+    labels = [str(r["landmark"]) for r in rows]
+    values[PROTOCOL_TITLES.get(proto, proto)] = [r["mre"] for r in rows]
+    errs[PROTOCOL_TITLES.get(proto, proto)] = [r["std"] for r in rows]
+  plots.bar_plot(values, labels, "Mean radial error per landmark (pooled, bars: ± std)",
+                 f"MRE ({unit})", path, errors=errs, xlabel="landmark")
+  written["per_landmark_error.png"] = path
+
+  overlay_paths = []
+  n = int(results.get("n_images", 0))
+  if images is not None and preds is not None:
+    ids = results.get("ids")
+    for row in _overlay_rows(results, overlay_ids, n):
+      key = ids[row] if ids is not None else f"{row:04d}"
+      img = _pick(images, row, key)
+      pred = _pick(preds, row, key)
+      gt = _pick(gts, row, key)
+      parts = [str(key)]
+      for proto in protos:
+        v = results.get("per_image_mre", {}).get(proto)
+        if v is not None and len(v) > row:
+          parts.append(f"{PROTOCOL_TITLES.get(proto, proto)} MRE {_num(v[row])} {unit}")
+      path = os.path.join(out_dir, "overlays", _safe_name(key) + ".png")
+      plots.overlay(img, pred, gt, path, title="   ".join(parts))
+      overlay_paths.append(path)
+  written["overlays"] = overlay_paths
+
+  md = ["# Evaluation results", ""]
+  gt = results.get("gt", "mean")
+  md.append(f"Ground truth: {gt}; {results.get('n_images')} images, "
+            f"{results.get('num_landmarks')} landmarks; grid {results.get('grid_hw')}; "
+            f"unit {unit}.")
+  md.append("Protocol *grid*: predictions on the grid vs the truncated grid GT, per-axis mm per "
+            "grid pixel (the reference/paper protocol). Protocol *full resolution*: predictions "
+            "mapped to original pixels vs the un-quantised mean GT, per-image spacing.")
+  md += ["", "## Summary", "", markdown_table(results), ""]
+  for proto in protos:
+    md += [f"## Per landmark, {_protocol_title(results, proto)}, {metrics.POOLED}", "",
+           per_landmark_table(results, proto), ""]
+  md += ["## Figures", "", "![SDR vs radius](sdr_vs_radius.png)", "",
+         "![Per-landmark MRE](per_landmark_error.png)", ""]
+  for p in overlay_paths:
+    rel = os.path.relpath(p, out_dir)
+    md += [f"![{os.path.basename(p)}]({rel})", ""]
+  path = os.path.join(out_dir, "results.md")
+  atomic_write_text(path, "\n".join(md))
+  written["results.md"] = path
+  return written

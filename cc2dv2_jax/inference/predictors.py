@@ -1,0 +1,103 @@
+"""Batched, jitted landmark predictors over uint8 images on the training grid.
+
+Both predictors pad the last batch to a fixed size (one compilation) and a multiple of the device
+count, and shard images over all devices, so inference scales with the devices like training.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cc2dv2_jax.inference import matching
+from cc2dv2_jax.inference import voting
+from cc2dv2_jax.models import tpl_net
+from cc2dv2_jax.training import inputs
+from cc2dv2_jax.training import sharding
+from cc2dv2_jax.utils import progress
+
+
+def _batched(fn, images, batch_size, mesh, desc):
+  """Applies `fn` (jitted, [B,H,W] uint8 -> [B,...]) over `images` [N,H,W] in padded batches."""
+  n = len(images)
+  ndev = mesh.devices.size
+  b = max(ndev, math.ceil(batch_size / ndev) * ndev)
+  outs = []
+  for start in progress(range(0, n, b), total=math.ceil(n / b), desc=desc):
+    chunk = np.asarray(images[start:start + b])
+    valid = len(chunk)
+    if valid < b:
+      chunk = np.concatenate([chunk, np.zeros((b - valid, *chunk.shape[1:]), chunk.dtype)])
+    out = fn(sharding.put_batch(chunk, mesh) if jax.process_count() == 1 else chunk)
+    outs.append(np.asarray(jax.device_get(out))[:valid])
+  return np.concatenate(outs) if outs else np.zeros((0,), np.int32)
+
+
+class SSLPredictor:
+  """Template matching with a trained SSL encoder (REFERENCE.md section 3).
+
+  Args:
+    net: the SSL encoder module; variables: its {'params', 'batch_stats'}.
+    template_image: uint8 [H, W] on the training grid; template_yx: int [L, 2] its landmarks [y, x].
+    mode: 'product' (reference) or 'coarse_to_fine' (paper wording).
+  """
+
+  def __init__(self, net, variables, template_image, template_yx, *, mode="product",
+               imagenet_norm=False, batch_size=8, mesh=None):
+    self.net = net
+    self.variables = variables
+    self.size_hw = tuple(template_image.shape[:2])
+    self.mode = mode
+    self.imagenet_norm = imagenet_norm
+    self.batch_size = batch_size
+    self.mesh = mesh or sharding.make_mesh()
+    feats = self._features(variables, jnp.asarray(template_image)[None])
+    self.template_feats = matching.template_features(feats, jnp.asarray(template_yx),
+                                                     self.size_hw)
+    self._predict = jax.jit(self._predict_fn)
+
+  def _features(self, variables, images_uint8):
+    x = inputs.scale_input(inputs.to_unit(images_uint8), "ssl", self.imagenet_norm)
+    return self.net.apply(variables, x, train=False)
+
+  def _predict_fn(self, variables, template_feats, images_uint8):
+    feats = self._features(variables, images_uint8)
+    return matching.match(feats, template_feats, self.size_hw, mode=self.mode)
+
+  def __call__(self, images, desc="ssl inference"):
+    """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x] on the same grid."""
+    return _batched(lambda x: self._predict(self.variables, self.template_feats, x), images,
+                    self.batch_size, self.mesh, desc)
+
+  def similarity_maps(self, image):
+    """The 5 clamped, upsampled similarity maps and their product for one uint8 [H,W] image."""
+    feats = self._features(self.variables, jnp.asarray(image)[None])
+    return matching.similarity_maps(feats, self.template_feats, self.size_hw)
+
+
+class TPLPredictor:
+  """Heatmap + offset voting with a trained TPL network (REFERENCE.md 4.5)."""
+
+  def __init__(self, net, variables, *, num_landmarks, radius, imagenet_norm=False,
+               batch_size=4, mesh=None):
+    self.net = net
+    self.variables = variables
+    self.num_landmarks = num_landmarks
+    self.radius = radius
+    self.imagenet_norm = imagenet_norm
+    self.batch_size = batch_size
+    self.mesh = mesh or sharding.make_mesh()
+    self._predict = jax.jit(self._predict_fn)
+
+  def _predict_fn(self, variables, images_uint8):
+    x = inputs.scale_input(inputs.to_unit(images_uint8), "tpl", self.imagenet_norm)
+    out = self.net.apply(variables, x, train=False)
+    heat, off_y, off_x = tpl_net.split_tpl_output(out, self.num_landmarks)
+    pred, _ = voting.vote(jax.nn.sigmoid(heat.astype(jnp.float32)), off_y.astype(jnp.float32),
+                          off_x.astype(jnp.float32), self.radius)
+    return pred
+
+  def __call__(self, images, desc="tpl inference"):
+    """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x]."""
+    return _batched(lambda x: self._predict(self.variables, x), images, self.batch_size,
+                    self.mesh, desc)

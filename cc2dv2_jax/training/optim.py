@@ -1,0 +1,33 @@
+"""Optimisers as in the reference: PyTorch Adam(weight_decay) = L2 added to the gradient before Adam."""
+import optax
+
+
+def step_schedule(lr, decay_every_steps, factor):
+  """lr * factor ** floor(step / decay_every_steps) (PyTorch StepLR stepped per epoch)."""
+  if decay_every_steps <= 0:
+    return optax.constant_schedule(lr)
+  return optax.exponential_decay(lr, transition_steps=decay_every_steps, decay_rate=factor,
+                                 staircase=True)
+
+
+def adam_l2(schedule, weight_decay):
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+      optax.scale_by_learning_rate(schedule),
+  )
+
+
+def schedule_steps(num_train, batch_size, *, repeats, epochs, decay_every_epochs, num_steps=-1):
+  """(total steps, decay interval in steps) of an epoch schedule, or compressed to `num_steps`.
+
+  An epoch is `num_train * repeats` items in batches of `batch_size` (drop_last). With `num_steps`
+  set, the decay points keep their fraction of the run (e.g. every 1/6 of it for the code schedule).
+  """
+  per_epoch = max(1, (num_train * repeats) // batch_size)
+  total = epochs * per_epoch
+  decay = decay_every_epochs * per_epoch
+  if num_steps and num_steps > 0:
+    decay = max(1, round(num_steps * decay / total)) if decay else 0
+    total = num_steps
+  return total, decay

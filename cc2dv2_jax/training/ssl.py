@@ -1,0 +1,167 @@
+"""SSL stage: train the encoder to find an augmented patch's anchor in the full image.
+
+`run(config, workdir)` prepares the data, trains (resuming if a checkpoint exists), exports the
+image encoder to <workdir>/ssl/export and evaluates template matching on the test split.
+"""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cc2dv2_jax.data import dataset
+from cc2dv2_jax.data import pipeline
+from cc2dv2_jax.losses import ssl_loss
+from cc2dv2_jax.models import ssl_net
+from cc2dv2_jax.models import torch_mapping
+from cc2dv2_jax.training import checkpoint
+from cc2dv2_jax.training import inputs
+from cc2dv2_jax.training import loop
+from cc2dv2_jax.training import optim
+from cc2dv2_jax.training import sharding
+from cc2dv2_jax.training import state as state_lib
+
+STAGE = "ssl"
+
+
+def build_models(config):
+  """(image encoder, patch encoder or None when shared). The patch encoder has no RFB (paper)."""
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  net = ssl_net.SSLNet(width=m.width, embed_dim=m.embed_dim, rfb=m.rfb, dtype=dtype)
+  patch_net = None
+  if not m.shared_encoder:
+    patch_net = ssl_net.SSLNet(width=m.width, embed_dim=m.embed_dim, rfb=False, dtype=dtype)
+  return net, patch_net
+
+
+def init_variables(config, rng, size_hw):
+  """{'params': {'net'[, 'patch_net']}, 'batch_stats': {...}} on the host's default device."""
+  net, patch_net = build_models(config)
+  x = jnp.zeros((1, *size_hw, 1), jnp.float32)
+  k1, k2 = jax.random.split(rng)
+  v = net.init(k1, x, train=False)
+  params, stats = {"net": v["params"]}, {"net": v["batch_stats"]}
+  if patch_net is not None:
+    p = config.ssl.patch_size
+    vp = patch_net.init(k2, jnp.zeros((1, p, p, 1), jnp.float32), train=False)
+    params["patch_net"], stats["patch_net"] = vp["params"], vp["batch_stats"]
+  if config.model.pretrained_vgg:
+    vgg = torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width)
+    for key in params:
+      params[key] = torch_mapping.merge_vgg_params(params[key], vgg)
+  return {"params": params, "batch_stats": stats}
+
+
+def loss_kwargs(config):
+  s = config.ssl
+  return dict(temperature=s.temperature, rdb_alpha=s.rdb.alpha, rdb_beta=s.rdb.beta,
+              use_rdb=s.rdb.enabled, window=s.window, nearby=s.nearby)
+
+
+def make_train_step(config, tx):
+  """Pure (state, batch, rng) -> (state, metrics); the caller jits and shards it.
+
+  The image batch and the patch batch go through the encoder in two calls, as in the reference,
+  so BatchNorm sees each batch's own statistics and the running averages move twice per step.
+  """
+  net, patch_net = build_models(config)
+  kw = loss_kwargs(config)
+  imagenet = config.model.imagenet_norm
+
+  def step(state, batch, rng):
+    del rng  # augmentation runs in the input pipeline; kept for the common step signature
+    image = inputs.scale_input(batch["image"], STAGE, imagenet)
+    patch = inputs.scale_input(batch["patch"], STAGE, imagenet)
+
+    def loss_fn(params):
+      stats = state.batch_stats
+      raw, upd = net.apply({"params": params["net"], "batch_stats": stats["net"]}, image,
+                           train=True, mutable=["batch_stats"])
+      new_stats = {"net": upd["batch_stats"]}
+      if patch_net is None:
+        pf, upd = net.apply({"params": params["net"], "batch_stats": new_stats["net"]}, patch,
+                            train=True, mutable=["batch_stats"])
+        new_stats["net"] = upd["batch_stats"]
+      else:
+        pf, upd = patch_net.apply({"params": params["patch_net"],
+                                   "batch_stats": stats["patch_net"]}, patch,
+                                  train=True, mutable=["batch_stats"])
+        new_stats["patch_net"] = upd["batch_stats"]
+      total, per_layer = ssl_loss.ssl_loss(raw, pf, batch["raw_yx"], batch["patch_yx"], **kw)
+      return total, (per_layer, new_stats)
+
+    (loss, (per_layer, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    for i, s in enumerate(ssl_net.STRIDES):
+      metrics[f"loss_s{s}"] = per_layer[i]
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+def make_optimizer(config, num_train):
+  s = config.ssl
+  total, decay = optim.schedule_steps(num_train, s.batch_size, repeats=s.repeats, epochs=s.epochs,
+                                      decay_every_epochs=s.decay_every_epochs,
+                                      num_steps=s.num_steps)
+  return optim.adam_l2(optim.step_schedule(s.lr, decay, s.decay_factor), s.weight_decay), total
+
+
+def create_state(config, tx, mesh, size_hw):
+  """Initialises the train state directly replicated on `mesh` (no host copy of the weights)."""
+  rng = jax.random.key(config.seed)
+
+  def init():
+    v = init_variables(config, rng, size_hw)
+    return state_lib.TrainState.create(v["params"], v["batch_stats"], tx)
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def make_batches(config, cache, rows, process_index=0, process_count=1):
+  """Grain iterator of this process's share of each global SSL batch."""
+  s = config.ssl
+  return pipeline.ssl_dataset(
+      cache.images_path, seed=config.seed, batch_size=s.batch_size // process_count,
+      indices=rows, patch_size=s.patch_size, margin_frac=s.anchor_margin,
+      brightness=s.brightness, contrast=s.contrast, max_rotation_deg=s.max_rotation_deg,
+      repeats_per_epoch=s.repeats, shard_index=process_index, shard_count=process_count,
+      num_workers=config.data.num_workers)
+
+
+def export_dir(workdir):
+  return pathlib.Path(workdir) / STAGE / "export"
+
+
+def run(config, workdir):
+  """Trains (or resumes) the SSL encoder, exports it and returns its test-set evaluation."""
+  # Imported here: evaluation pulls in the predictors, which import this module.
+  from cc2dv2_jax.evaluation import evaluate
+
+  workdir = pathlib.Path(workdir)
+  stage_dir = workdir / STAGE
+  cache = dataset.ensure_cache(config, workdir)
+  if checkpoint.export_info(export_dir(workdir)) is None:
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size")
+    rows = cache.indices("train")
+    tx, total = make_optimizer(config, len(rows))
+    state = create_state(config, tx, mesh, tuple(cache.size_hw))
+    batches = iter(make_batches(config, cache, rows, jax.process_index(), jax.process_count()))
+    s = config.ssl
+    state, info = loop.train_loop(
+        name=STAGE, state=state, step_fn=make_train_step(config, tx), batches=batches,
+        mesh=mesh, stage_dir=stage_dir, total_steps=total, log_every=s.log_every,
+        ckpt_every=s.ckpt_every, keep=s.keep_checkpoints, max_seconds=s.max_seconds,
+        seed=config.seed)
+    variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
+    checkpoint.export(export_dir(workdir), variables, {"stage": STAGE, **info})
+  if not config.ssl.eval_at_end:
+    return {"export": str(export_dir(workdir))}
+  return evaluate.run_stage_eval(config, workdir, STAGE)

@@ -1,0 +1,163 @@
+"""TPL stage: a multi-task U-Net (heatmaps + offsets) trained on the SSL pseudo-labels.
+
+Every step sees `tpl.batch_size` pseudo-labelled training images plus the template with its true
+labels (REFERENCE.md 4.4). Targets (disks and offsets) are built on the device from the landmark
+coordinates: 3N full-resolution maps per image would be tens of MB of host-to-device traffic.
+"""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cc2dv2_jax.data import dataset
+from cc2dv2_jax.data import pipeline
+from cc2dv2_jax.losses import tpl_loss
+from cc2dv2_jax.models import torch_mapping
+from cc2dv2_jax.models import tpl_net
+from cc2dv2_jax.training import checkpoint
+from cc2dv2_jax.training import inputs
+from cc2dv2_jax.training import loop
+from cc2dv2_jax.training import optim
+from cc2dv2_jax.training import sharding
+from cc2dv2_jax.training import state as state_lib
+
+STAGE = "tpl"
+
+
+def radius(config, size_hw):
+  """R = int(max(H, W) * radius_frac): 19 px on the 384 grid."""
+  return int(max(size_hw) * config.tpl.radius_frac)
+
+
+def build_model(config):
+  m = config.model
+  return tpl_net.TPLNet(num_landmarks=config.data.num_landmarks, width=m.width,
+                        dtype=jnp.dtype(m.dtype))
+
+
+def init_variables(config, rng, size_hw):
+  v = build_model(config).init(rng, jnp.zeros((1, *size_hw, 1), jnp.float32), train=False)
+  params = v["params"]
+  if config.model.pretrained_vgg:
+    params = torch_mapping.merge_vgg_params(params,
+                                           torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width))
+  return {"params": params}
+
+
+def make_train_step(config, tx, size_hw):
+  net = build_model(config)
+  r = radius(config, size_hw)
+  t = config.tpl
+  imagenet = config.model.imagenet_norm
+
+  def step(state, batch, rng):
+    del rng  # no augmentation in TPL (reference); kept for the common step signature
+    x = inputs.scale_input(batch["image"], STAGE, imagenet)
+
+    def loss_fn(params):
+      out = net.apply({"params": params}, x, train=True)
+      return tpl_loss.tpl_loss(out, batch["landmarks_yx"], r, lam=t.loss_lambda,
+                               reference_quirks=t.reference_quirks)
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+class WithTemplate:
+  """Appends the template (true labels) to every pseudo-labelled batch; keeps this process's rows.
+
+  Every process builds the same global batch (TPL has no augmentation, so this is cheap) and
+  keeps its contiguous slice, which is what `make_array_from_process_local_data` expects.
+  """
+
+  def __init__(self, it, template_image, template_yx, process_index=0, process_count=1):
+    self.it = it
+    self.image = np.asarray(template_image, np.float32)[None, :, :, None] / 255.0
+    self.yx = np.asarray(template_yx, np.int32)[None]
+    self.pi, self.pc = process_index, process_count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    b = next(self.it)
+    out = {"image": np.concatenate([b["image"], self.image]),
+           "landmarks_yx": np.concatenate([b["landmarks_yx"], self.yx]),
+           "index": np.concatenate([b["index"], [-1]])}  # -1: the template
+    n = len(out["image"]) // self.pc
+    return {k: v[self.pi * n:(self.pi + 1) * n] for k, v in out.items()}
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+def pseudo_labels_path(workdir):
+  return pathlib.Path(workdir) / "pseudo" / "pseudo_labels.json"
+
+
+def load_pseudo_labels(workdir, cache):
+  """int [N, L, 2] pseudo-labels [y, x] for every row of the cache (rows without one: -1)."""
+  path = pseudo_labels_path(workdir)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no pseudo-labels; run --stage=pseudo first")
+  data = json.loads(path.read_text())
+  out = np.full((len(cache.ids), cache.num_landmarks, 2), -1, np.int32)
+  row_of = {i: r for r, i in enumerate(cache.ids)}
+  for image_id, yx in zip(data["ids"], data["landmarks_yx"]):
+    out[row_of[image_id]] = yx
+  return out
+
+
+def export_dir(workdir):
+  return pathlib.Path(workdir) / STAGE / "export"
+
+
+def run(config, workdir):
+  """Trains (or resumes) the TPL network on the pseudo-labels, exports it and evaluates it."""
+  from cc2dv2_jax.evaluation import evaluate
+
+  workdir = pathlib.Path(workdir)
+  cache = dataset.ensure_cache(config, workdir)
+  size_hw = tuple(cache.size_hw)
+  if checkpoint.export_info(export_dir(workdir)) is None:
+    t = config.tpl
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(t.batch_size + 1, mesh, "tpl.batch_size + 1 (the template)")
+    pseudo = load_pseudo_labels(workdir, cache)
+    rows = cache.indices("train")
+    trow = cache.row_of(config.data.template_id)
+    total, decay = optim.schedule_steps(len(rows), t.batch_size, repeats=t.repeats,
+                                        epochs=t.epochs, decay_every_epochs=t.decay_every_epochs,
+                                        num_steps=t.num_steps)
+    tx = optim.adam_l2(optim.step_schedule(t.lr, decay, t.decay_factor), t.weight_decay)
+    rng = jax.random.key(config.seed + 1)
+
+    def init():
+      return state_lib.TrainState.create(init_variables(config, rng, size_hw)["params"], {}, tx)
+
+    state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    # Every process reads the whole global batch: WithTemplate keeps each one's slice.
+    batches = pipeline.tpl_dataset(cache.images_path, pseudo, seed=config.seed,
+                                   batch_size=t.batch_size, indices=rows,
+                                   repeats_per_epoch=t.repeats,
+                                   num_workers=config.data.num_workers)
+    batches = WithTemplate(iter(batches), cache.images[trow], cache.gt_grid_yx(config.data.gt)[trow],
+                           jax.process_index(), jax.process_count())
+    state, info = loop.train_loop(
+        name=STAGE, state=state, step_fn=make_train_step(config, tx, size_hw), batches=batches,
+        mesh=mesh, stage_dir=workdir / STAGE, total_steps=total, log_every=t.log_every,
+        ckpt_every=t.ckpt_every, keep=t.keep_checkpoints, max_seconds=t.max_seconds,
+        seed=config.seed + 1)
+    checkpoint.export(export_dir(workdir), {"params": state.params}, {"stage": STAGE, **info})
+  return evaluate.run_stage_eval(config, workdir, STAGE)

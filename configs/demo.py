@@ -1,0 +1,40 @@
+"""The README's main command: synthetic phantoms, whole pipeline on a CPU in a few minutes.
+
+No download: the phantoms are generated into the workdir. Set `--config.data.root=DIR` (and a
+matching `data.num_landmarks`, `data.size_hw`) to run the same small models on real data.
+Config arg `test` shrinks it further for the test suite.
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  a = default.parse_arg(arg, test=False)
+  c = default.get_config()
+  c.data.root = ""  # phantoms
+  c.data.phantoms = dict(num_train=24, num_test1=8, num_test2=8, size_hw=(192, 160),
+                         num_landmarks=8, seed=0)
+  c.data.num_landmarks = 8
+  c.data.size_hw = (128, 128)
+  c.data.template_id = "001"
+  c.model.width = 0.25
+  c.model.embed_dim = 32
+  c.model.rfb = True
+  c.ssl.batch_size = 8
+  c.ssl.patch_size = 64
+  c.ssl.num_steps = 300
+  c.ssl.lr = 1e-3
+  c.ssl.log_every = 25
+  c.ssl.ckpt_every = 100
+  c.ssl.infer_batch_size = 8
+  c.tpl.batch_size = 3
+  c.tpl.num_steps = 200
+  c.tpl.log_every = 25
+  c.tpl.ckpt_every = 100
+  c.tpl.infer_batch_size = 8
+  if a.test:
+    c.data.phantoms.num_train = 12
+    c.data.phantoms.num_test1 = 4
+    c.data.phantoms.num_test2 = 4
+    c.ssl.num_steps = 120
+    c.tpl.num_steps = 80
+  return c
