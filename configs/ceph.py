@@ -2,6 +2,7 @@
 
 Config arguments select named ablations, e.g.
   --config=configs/ceph.py                   CC2Dv2, alpha 0.1, beta 0.7, code window and schedule
+  --config=configs/ceph.py:cc2dv2            the same, named (for lists of variants)
   --config=configs/ceph.py:cc2d              no relative distance bias (CC2D)
   --config=configs/ceph.py:alpha=0.07,beta=0.8
   --config=configs/ceph.py:paper_window      19x19 matrix of interest
@@ -9,27 +10,17 @@ Config arguments select named ablations, e.g.
   --config=configs/ceph.py:paper_schedule    5000 epochs, lr x0.5 every 500 (90,000 steps)
   --config=configs/ceph.py:gt=senior         senior-only ground truth (mean | senior | junior)
   --config=configs/ceph.py:tiny              a reduced-width, few-step smoke run for CPUs
+Arguments combine with commas (`:tiny,cc2d`). The ablation arguments are shared with the other
+dataset configs (configs/default.py VARIANT_ARGS, apply_variants); launch/ablate.py runs lists of
+them over several seeds and tabulates the results.
 """
 from configs import default
 
 
 def get_config(arg=None):
-  a = default.parse_arg(arg, cc2d=False, alpha=0.1, beta=0.7, paper_window=False,
-                        two_encoders=False, paper_schedule=False, gt="mean", tiny=False)
+  a = default.parse_arg(arg, tiny=False, **default.VARIANT_ARGS)
   c = default.get_config()
-  c.data.gt = a.gt
-  c.ssl.rdb.enabled = not a.cc2d
-  c.ssl.rdb.alpha = a.alpha
-  c.ssl.rdb.beta = a.beta
-  if a.paper_window:
-    c.ssl.window = "paper"
-  if a.two_encoders:
-    c.model.shared_encoder = False
-  if a.paper_schedule:
-    # Paper: 5000 epochs over the 150 images, halved every 500.
-    c.ssl.repeats = 1
-    c.ssl.epochs = 5000
-    c.ssl.decay_every_epochs = 500
+  default.apply_variants(c, a)
   if a.tiny:
     default.shrink_for_cpu(c)
   return c

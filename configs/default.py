@@ -37,7 +37,10 @@ def get_config():
   )
 
   c.ssl = dict(
-      batch_size=8,  # global batch, split over all devices
+      # GLOBAL batch (all processes, all devices): it alone fixes the run's numbers. Each device
+      # gets batch_size / device_count rows (must divide). See launch/README.md for the lr rule.
+      batch_size=8,
+      per_device_batch_size=0,  # 0: derived; >0: asserted = batch_size / device_count
       patch_size=192,
       anchor_margin=0.1,  # anchors uniform in [0.1 P, 0.9 P) of the patch
       brightness=0.15,
@@ -66,6 +69,7 @@ def get_config():
 
   c.tpl = dict(
       batch_size=3,  # pseudo-labelled images per step; the template is appended (global batch + 1)
+      per_device_batch_size=0,  # 0: derived; >0: asserted = (batch_size + 1) / device_count
       radius_frac=0.05,  # R = int(max(H, W) * radius_frac) = 19 at 384
       loss_lambda=2.0,
       reference_quirks=False,  # the reference's off-centre disk and top/left shift (parity only)
@@ -92,8 +96,13 @@ def get_config():
 
   c.predict = dict(inputs="", output_dir="", batch_size=4)
 
-  # Multi-host: leave empty to let jax detect SLURM / Open MPI / Kubernetes (see distributed.py).
-  c.distributed = dict(coordinator="", num_processes=1, process_id=0)
+  # Multi-host (cc2dv2_jax/distributed.py, launch/README.md). "auto": multi-process when a
+  # coordinator is given here or in JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or
+  # when SLURM srun / Open MPI started several tasks; "on": always (jax's own cluster detection,
+  # Kubernetes included); "off": never. local_device_ids: e.g. "0,1,2,3" for one process per host
+  # under SLURM (jax's SLURM detection otherwise gives each task the one GPU SLURM_LOCALID).
+  c.distributed = dict(enabled="auto", coordinator="", num_processes=1, process_id=0,
+                       local_device_ids="", initialization_timeout=300)
 
   c.compile_cache = True  # persistent XLA compilation cache under <workdir>/../.jax_cache or $CC2D_JAX_CACHE
   return c
@@ -118,6 +127,52 @@ def parse_arg(arg, **defaults):
     else:
       out[key] = kind(value)
   return out
+
+
+# Named ablations shared by every dataset config (configs/ceph.py, configs/demo.py): config
+# argument -> its default. `cc2dv2` names the defaults themselves, so that a list of variants
+# (launch/ablate.py) can contain the baseline by name: `--config=configs/ceph.py:cc2dv2`.
+VARIANT_ARGS = dict(
+    cc2dv2=False,  # the default: RDB on, alpha 0.1, beta 0.7, code window, code schedule
+    cc2d=False,  # no relative distance bias (CC2D)
+    alpha=0.1,  # RDB slope per feature-map cell: b = clip(alpha * d, 0, beta)
+    beta=0.7,  # RDB maximum
+    paper_window=False,  # 19x19 centred matrix of interest instead of the code's +-11 window
+    two_encoders=False,  # separate patch encoder without RFB (paper wording)
+    paper_schedule=False,  # SSL 5000 epochs, lr x0.5 every 500 (paper) instead of 300 x 11 / 50
+    gt="mean",  # ground truth: mean | senior | junior
+)
+GT_CHOICES = ("mean", "senior", "junior")
+
+
+def apply_variants(c, a):
+  """Applies the ablation arguments `a` (from `parse_arg(arg, **VARIANT_ARGS, ...)`) to `c`.
+
+  Returns `c`, changed in place. Raises ValueError for contradictory or out-of-range values.
+  """
+  if a.cc2dv2 and a.cc2d:
+    raise ValueError("config arguments cc2dv2 and cc2d exclude each other")
+  if a.gt not in GT_CHOICES:
+    raise ValueError(f"gt={a.gt!r}; choose from {GT_CHOICES}")
+  if a.alpha < 0 or a.beta < 0:
+    raise ValueError(f"alpha={a.alpha} and beta={a.beta} must be >= 0")
+  c.data.gt = a.gt
+  c.ssl.rdb.enabled = not a.cc2d
+  c.ssl.rdb.alpha = float(a.alpha)
+  c.ssl.rdb.beta = float(a.beta)
+  if a.paper_window:
+    c.ssl.window = "paper"
+  if a.two_encoders:
+    c.model.shared_encoder = False
+  if a.paper_schedule:
+    # Paper: 5000 epochs over the training images (no repeats), halved every 500 epochs; for ISBI
+    # 5000 x (150 // 8) = 90,000 steps. TPL is unchanged: the code's 90 x 500 iterations already
+    # are the paper's 900 passes (REFERENCE.md 4.4). With ssl.num_steps > 0 (small configs) only
+    # the decay points move (every 1/10 of the run instead of every 1/6).
+    c.ssl.repeats = 1
+    c.ssl.epochs = 5000
+    c.ssl.decay_every_epochs = 500
+  return c
 
 
 def shrink_for_cpu(c):

@@ -2,13 +2,15 @@
 
 No download: the phantoms are generated into the workdir. Set `--config.data.root=DIR` (and a
 matching `data.num_landmarks`, `data.size_hw`) to run the same small models on real data.
-Config arg `test` shrinks it further for the test suite.
+Config arg `test` shrinks it further for the test suite. The ablation arguments of
+configs/ceph.py work here too (`:test,cc2d`, `:alpha=0.07`; configs/default.py VARIANT_ARGS), so
+launch/ablate.py can be tried end to end on phantoms.
 """
 from configs import default
 
 
 def get_config(arg=None):
-  a = default.parse_arg(arg, test=False)
+  a = default.parse_arg(arg, test=False, **default.VARIANT_ARGS)
   c = default.get_config()
   c.data.root = ""  # phantoms
   c.data.phantoms = dict(num_train=24, num_test1=8, num_test2=8, size_hw=(192, 160),
@@ -31,6 +33,7 @@ def get_config(arg=None):
   c.tpl.log_every = 25
   c.tpl.ckpt_every = 100
   c.tpl.infer_batch_size = 8
+  default.apply_variants(c, a)
   if a.test:
     c.data.phantoms.num_train = 12
     c.data.phantoms.num_test1 = 4

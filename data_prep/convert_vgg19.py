@@ -44,7 +44,8 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
         obj = obj[wrapper]
         break
   if not isinstance(obj, dict):
-    raise errors.DataError(path, f"expected a state_dict (dict of tensors), got {type(obj).__name__}")
+    raise errors.DataError(path, "expected a state_dict (dict of tensors), got "
+                           f"{type(obj).__name__}")
   out = {}
   for k, v in obj.items():
     if not isinstance(v, torch.Tensor):

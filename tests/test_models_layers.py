@@ -1,5 +1,4 @@
 """Building blocks (upsampling, inits, norms) and tiny-width SSLNet / TPLNet behaviour."""
-import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -7,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import layers
 from cc2dv2_jax.models import ssl_net
 from cc2dv2_jax.models import tpl_net
+from cc2dv2_jax.models import vgg
 
 TINY = 0.0625  # channels 4, 8, 16, 32, 32: fast, every code path of the full network
 
@@ -120,57 +121,90 @@ def test_batch_norm_matches_torch_train_and_eval():
 # ------------------------------------------------------------------------------------------------
 
 def _init(model, x):
-  return jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
+  # Host init: a jitted model.init spends ~10-30 s compiling threefry on CPU (see host_init.py);
+  # test_model_init_agrees_with_host_init covers the real init path once.
+  return host_init.init_variables(model, x.shape, seed=0)
 
 
-@pytest.mark.parametrize("rfb", [True, False])
-def test_ssl_tiny_shapes_grey_input_and_names(rfb):
-  model = ssl_net.SSLNet(width=TINY, embed_dim=8, rfb=rfb)
-  x1 = jax.random.uniform(jax.random.key(0), (2, 64, 96, 1))
-  variables = _init(model, x1)
-  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x1)
+def _init_vgg(model, x):
+  # VGG19Features alone takes no `train` argument (host_init is written for the networks); any
+  # random values do here, drawn on the host to skip the threefry compiles.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny_ssl():
+  """One tiny SSLNet (RFB on), its variables, an input and its fp32 eval output, shared so the
+  expensive part (XLA compiles) happens once per mode."""
+  model = ssl_net.SSLNet(width=TINY, embed_dim=8, rfb=True)
+  x = jax.random.uniform(jax.random.key(0), (2, 64, 96, 3))
+  variables = _init(model, x)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  return model, variables, x, out
+
+
+def test_ssl_tiny_shapes_and_names(tiny_ssl):
+  _, variables, _, out = tiny_ssl
   assert [o.shape for o in out] == [(2, 64 // s, 96 // s, 8) for s in ssl_net.STRIDES]
   assert all(o.dtype == jnp.float32 for o in out)
-  # A grey image is the same image replicated to 3 channels.
-  out3 = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.repeat(x1, 3, -1))
-  for a, b in zip(out, out3):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   names = set(traverse_util.flatten_dict(variables["params"], sep="/"))
   assert "vgg/features_34/kernel" in names
   assert "up1/conv/double_conv_0/kernel" in names and "up4/conv/double_conv_4/scale" in names
   assert "trans_5/kernel" in names and "trans_1/bias" in names
+  assert "non_local_5/branch3_3/conv/kernel" in names
   assert not any(n.startswith(("up5/", "trans_0/")) for n in names)
-  assert ("non_local_5/branch3_3/conv/kernel" in names) == rfb
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
 
 
+def test_ssl_without_rfb_has_no_context_blocks():
+  model = ssl_net.SSLNet(width=TINY, embed_dim=8, rfb=False)
+  x = jnp.zeros((1, 64, 64, 3))
+  shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False))
+  out, variables = shapes
+  assert [o.shape for o in out] == [(1, 64 // s, 64 // s, 8) for s in ssl_net.STRIDES]
+  assert not any(k.startswith("non_local") for k in variables["params"])
+
+
+def test_grey_input_equals_replicated_rgb():
+  model = vgg.VGG19Features(width=TINY)
+  x1 = jax.random.uniform(jax.random.key(0), (1, 32, 32, 1))
+  variables = _init_vgg(model, x1)
+  a = model.apply(variables, x1)
+  b = model.apply(variables, jnp.repeat(x1, 3, -1))
+  assert [p.shape[1] for p in a] == [16, 8, 4, 2, 1]
+  for pa, pb in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(pa), np.asarray(pb))
+
+
 def test_ssl_odd_input_size_pads_like_torch():
-  """Sizes that are not multiples of 32: floor pooling, zero-padded upsampling, fea_k = skip size."""
+  """Sizes not multiple of 32: floor pooling, zero-padded upsampling, fea_k = skip size."""
   model = ssl_net.SSLNet(width=TINY, embed_dim=4, rfb=True)
   x = jnp.ones((1, 72, 100, 3))
   out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=False)[0])
   assert [o.shape[1:3] for o in out] == [(2, 3), (4, 6), (9, 12), (18, 25), (36, 50)]
 
 
-def test_ssl_train_mode_updates_batch_stats():
-  model = ssl_net.SSLNet(width=TINY, embed_dim=8)
-  x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
-  variables = _init(model, x)
+def test_ssl_train_mode_updates_batch_stats(tiny_ssl):
+  model, variables, x, _ = tiny_ssl
   out, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
       variables, x)
   assert len(out) == 5
   old = traverse_util.flatten_dict(variables["batch_stats"])
   new = traverse_util.flatten_dict(upd["batch_stats"])
-  assert old.keys() == new.keys()
-  assert all(not np.allclose(old[k], new[k]) for k in old if k[-1] == "mean")
+  assert old.keys() == new.keys() and len(old) == 2 * (8 + 45)
+  # var' = 0.9 * 1 + 0.1 * batch var moves for every layer. (Some means legitimately stay 0: a
+  # dilated 3x3 on a map smaller than its dilation only sees its centre tap of a BN output whose
+  # batch mean is beta = 0.)
+  assert all(not np.allclose(old[k], new[k]) for k in old if k[-1] == "var")
+  decoder_means = [k for k in old if k[0].startswith("up") and k[-1] == "mean"]
+  assert all(not np.allclose(old[k], new[k]) for k in decoder_means)
 
 
-def test_ssl_bf16_forward_outputs_float32():
-  x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
-  model32 = ssl_net.SSLNet(width=TINY, embed_dim=8)
-  model16 = ssl_net.SSLNet(width=TINY, embed_dim=8, dtype=jnp.bfloat16)
-  variables = _init(model32, x)
-  out32 = jax.jit(lambda v, x: model32.apply(v, x, train=False))(variables, x)
+def test_ssl_bf16_forward_outputs_float32(tiny_ssl):
+  model32, variables, x, out32 = tiny_ssl
+  model16 = model32.clone(dtype=jnp.bfloat16)
   out16, upd = jax.jit(lambda v, x: model16.apply(v, x, train=True, mutable=["batch_stats"]))(
       variables, x)
   out16_eval = jax.jit(lambda v, x: model16.apply(v, x, train=False))(variables, x)
@@ -216,4 +250,49 @@ def test_ssl_full_parameter_count_without_allocation():
   assert count == 58_008_576  # parity README: parameters a port needs, with RFB
   vgg_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]["vgg"]))
   assert vgg_count == 20_024_384  # REFERENCE.md 1.2
-  assert isinstance(model, nn.Module)
+
+
+def test_host_init_distributions():
+  model = ssl_net.SSLNet(width=0.25, embed_dim=8)
+  v = host_init.init_variables(model, (1, 64, 64, 3), seed=3)
+  p = v["params"]
+  w = p["vgg"]["features_10"]["kernel"]  # 3x3, 32 -> 64
+  np.testing.assert_allclose(w.std(), np.sqrt(2 / (9 * 64)), rtol=0.05)
+  np.testing.assert_array_equal(p["vgg"]["features_10"]["bias"], 0)
+  k = p["up1"]["conv"]["double_conv_0"]["kernel"]  # 3x3, 256 -> 64
+  bound = 1 / np.sqrt(9 * 256)
+  assert np.abs(k).max() <= bound and np.abs(k).max() > 0.99 * bound
+  b = p["up1"]["conv"]["double_conv_0"]["bias"]
+  assert np.abs(b).max() <= bound and b.std() > 0.3 * bound
+  assert "bias" not in p["non_local_5"]["conv_cat"]["conv"]
+  np.testing.assert_array_equal(p["up1"]["conv"]["double_conv_1"]["scale"], 1)
+  np.testing.assert_array_equal(p["up1"]["conv"]["double_conv_1"]["bias"], 0)
+  np.testing.assert_array_equal(v["batch_stats"]["up1"]["conv"]["double_conv_1"]["var"], 1)
+  # Deterministic per (seed, path).
+  again = host_init.init_variables(model, (2, 32, 32, 1), seed=3)
+  jax.tree.map(np.testing.assert_array_equal, v, again)
+  other = host_init.init_variables(model, (1, 64, 64, 3), seed=4)
+  assert not np.array_equal(other["params"]["trans_1"]["kernel"], p["trans_1"]["kernel"])
+  from_key = host_init.init_variables(model, (1, 64, 64, 3), seed=jax.random.key(4))
+  assert jax.tree.structure(from_key) == jax.tree.structure(v)
+
+
+def test_model_init_agrees_with_host_init():
+  """The real flax init path (module initialisers) gives the same tree and distributions."""
+  model = tpl_net.TPLNet(num_landmarks=3, width=0.125)
+  x = jnp.zeros((1, 32, 32, 3))
+  real = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
+  host = host_init.init_variables(model, x.shape)
+  assert jax.tree.structure(real) == jax.tree.structure(host)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(real)[0], jax.tree.leaves(host)):
+    assert a.shape == b.shape and a.dtype == b.dtype, path
+  for name in ("features_28", "features_34"):  # 3x3x64x64: VGG normal, zero bias
+    w = np.asarray(real["params"]["vgg"][name]["kernel"])
+    np.testing.assert_allclose(w.std(), np.sqrt(2 / (9 * 64)), rtol=0.1)
+    np.testing.assert_array_equal(np.asarray(real["params"]["vgg"][name]["bias"]), 0)
+  for a, b in ((real, host),):
+    ka = np.asarray(a["params"]["up1"]["conv"]["double_conv_0"]["kernel"])
+    kb = b["params"]["up1"]["conv"]["double_conv_0"]["kernel"]
+    bound = 1 / np.sqrt(9 * 128)
+    assert bound * 0.98 < np.abs(ka).max() <= bound and bound * 0.98 < np.abs(kb).max() <= bound
+    np.testing.assert_allclose(ka.std(), kb.std(), rtol=0.1)

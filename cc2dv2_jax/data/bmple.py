@@ -89,11 +89,9 @@ def read_meta(path):
   arr = np.array(pts, np.float64)
   if np.all(arr == np.round(arr)):
     arr = arr.astype(np.int64)
-  try:
-    lm_lib.check_inside(arr, orig_hw, path, index_base=0)
-  except DataError as e:  # name the 'gt' entry, not the position among the kept 20
-    k = int(e.message.split()[1])
-    raise DataError(path, f"'gt' entry {KEEP_INDICES[k]}: " + e.message) from None
+  for i, k in enumerate(KEEP_INDICES):
+    # Messages name the entry of 'gt' (as in the file), not the position among the 20 kept points.
+    lm_lib.check_inside(arr[i:i + 1], orig_hw, path, index_base=k)
   return arr, orig_hw, spacing
 
 

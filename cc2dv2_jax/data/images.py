@@ -13,7 +13,8 @@ Conversion to 8-bit grey ([H, W] uint8, rows first):
   the linear VOI window of DICOM PS3.3 C.11.2.1.2 is applied:
       v <= c - 0.5 - (w - 1) / 2  ->  0,   v > c - 0.5 + (w - 1) / 2  ->  255,
       otherwise ((v - (c - 0.5)) / (w - 1) + 0.5) * 255;
-  without a usable window (absent, or width < 1) the min/max rescale above is used instead.
+  without a usable window (absent, or width < 1) the min/max rescale above is used instead. VOI LUT
+  sequences and the SIGMOID VOI function are not applied (the linear window is).
   MONOCHROME1 images (where low values are bright) are inverted after windowing so bone is always bright.
   Multi-frame files give their first frame; RGB DICOMs are converted to luma.
   The pixel spacing is PixelSpacing, or ImagerPixelSpacing when PixelSpacing is absent, both stored in

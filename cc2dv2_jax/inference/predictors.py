@@ -51,7 +51,9 @@ class SSLPredictor:
     self.imagenet_norm = imagenet_norm
     self.batch_size = batch_size
     self.mesh = mesh or sharding.make_mesh()
-    feats = self._features(variables, jnp.asarray(template_image)[None])
+    # Jitted: op-by-op dispatch of the encoder costs seconds per call on a CPU.
+    self._jfeatures = jax.jit(self._features)
+    feats = self._jfeatures(variables, jnp.asarray(template_image)[None])
     self.template_feats = matching.template_features(feats, jnp.asarray(template_yx),
                                                      self.size_hw)
     self._predict = jax.jit(self._predict_fn)
@@ -71,7 +73,7 @@ class SSLPredictor:
 
   def similarity_maps(self, image):
     """The 5 clamped, upsampled similarity maps and their product for one uint8 [H,W] image."""
-    feats = self._features(self.variables, jnp.asarray(image)[None])
+    feats = self._jfeatures(self.variables, jnp.asarray(image)[None])
     return matching.similarity_maps(feats, self.template_feats, self.size_hw)
 
 

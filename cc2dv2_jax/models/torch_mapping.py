@@ -36,7 +36,7 @@ _SSL_IGNORED_PREFIXES = ("RPR_head.", "trans_0.", "up5.")
 
 
 class MappingError(ValueError):
-  """A state_dict that does not fit the flax model (lists every missing/unexpected/mis-shaped key)."""
+  """A state_dict that does not fit the flax model; lists all missing/extra/mis-shaped keys."""
 
 
 def _module_path(module: str) -> tuple[str, ...]:

@@ -54,6 +54,8 @@ class VGG19Features(nn.Module):
         pooled.append(x)
       else:
         index, _, cout = next(convs)
-        x = layers.Conv(cout, (3, 3), init_style="vgg", dtype=self.dtype, name=f"features_{index}")(x)
+        conv = layers.Conv(cout, (3, 3), init_style="vgg", dtype=self.dtype,
+                           name=f"features_{index}")
+        x = conv(x)
         x = nn.relu(x)
     return pooled

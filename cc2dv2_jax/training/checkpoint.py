@@ -77,12 +77,23 @@ def export_info(directory):
   return json.loads(done.read_text())
 
 
-def restore_export(directory, variables_like=None):
-  """Restores exported variables; `variables_like` (arrays or ShapeDtypeStructs) fixes placement."""
+def restore_export(directory, variables_like=None, sharding=None):
+  """Restores exported variables, replicated on `sharding` (default: every local device).
+
+  The placement saved with the export belongs to the training machine (e.g. 8 GPUs); restoring
+  onto it on a laptop would fail, so the target placement is always the current one.
+  `variables_like` (arrays or ShapeDtypeStructs) overrides shapes and placement.
+  """
   directory = pathlib.Path(directory).absolute()
   if export_info(directory) is None:
     raise FileNotFoundError(f"{directory}: no complete export (missing {EXPORT_DONE})")
   ckptr = ocp.StandardCheckpointer()
-  if variables_like is None:
-    return ckptr.restore(directory / "variables")
-  return ckptr.restore(directory / "variables", _abstract(variables_like))
+  if variables_like is not None:
+    return ckptr.restore(directory / "variables", _abstract(variables_like))
+  if sharding is None:
+    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tree = ckptr.metadata(directory / "variables").item_metadata.tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+  return ckptr.restore(directory / "variables", target)

@@ -8,6 +8,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cc2dv2_jax.errors import ConfigError
+
 
 def make_mesh(devices=None):
   devices = jax.devices() if devices is None else devices
@@ -23,11 +25,20 @@ def data_sharded(mesh):
   return NamedSharding(mesh, P("data"))
 
 
-def check_batch_size(global_batch, mesh, what):
+def check_batch_size(global_batch, mesh, what, per_device=0):
+  """Returns the per-device batch of `global_batch` on `mesh`; ConfigError when it cannot work.
+
+  `per_device` > 0 is the config's explicit per-device batch: it must match, so a config moved
+  to a cluster with another device count fails here instead of silently changing its batch.
+  """
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f"{what}: global batch {global_batch} is not divisible by the {n} devices; "
-                     f"choose a multiple of {n}.")
+    raise ConfigError(f"{what}: global batch {global_batch} is not divisible by the {n} devices; "
+                      f"choose a multiple of {n}.")
+  if per_device and per_device * n != global_batch:
+    raise ConfigError(f"{what}: global batch {global_batch} over {n} devices is "
+                      f"{global_batch // n} per device, but per_device_batch_size={per_device}")
+  return global_batch // n
 
 
 def put_replicated(tree, mesh):

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cc2dv2_jax import distributed
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
 from cc2dv2_jax.losses import ssl_loss
+from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import ssl_net
 from cc2dv2_jax.models import torch_mapping
 from cc2dv2_jax.training import checkpoint
@@ -35,16 +37,18 @@ def build_models(config):
   return net, patch_net
 
 
-def init_variables(config, rng, size_hw):
-  """{'params': {'net'[, 'patch_net']}, 'batch_stats': {...}} on the host's default device."""
+def init_variables(config, seed, size_hw):
+  """{'params': {'net'[, 'patch_net']}, 'batch_stats': {...}} as host arrays.
+
+  Drawn with NumPy (models/host_init.py): jitting flax's init costs ~30 s of compilation on a CPU
+  for this network, the draw itself well under a second.
+  """
   net, patch_net = build_models(config)
-  x = jnp.zeros((1, *size_hw, 1), jnp.float32)
-  k1, k2 = jax.random.split(rng)
-  v = net.init(k1, x, train=False)
+  v = host_init.init_variables(net, (1, *size_hw, 1), seed=seed)
   params, stats = {"net": v["params"]}, {"net": v["batch_stats"]}
   if patch_net is not None:
     p = config.ssl.patch_size
-    vp = patch_net.init(k2, jnp.zeros((1, p, p, 1), jnp.float32), train=False)
+    vp = host_init.init_variables(patch_net, (1, p, p, 1), seed=seed + 1)
     params["patch_net"], stats["patch_net"] = vp["params"], vp["batch_stats"]
   if config.model.pretrained_vgg:
     vgg = torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width)
@@ -114,18 +118,21 @@ def make_optimizer(config, num_train):
 
 
 def create_state(config, tx, mesh, size_hw):
-  """Initialises the train state directly replicated on `mesh` (no host copy of the weights)."""
-  rng = jax.random.key(config.seed)
-
-  def init():
-    v = init_variables(config, rng, size_hw)
-    return state_lib.TrainState.create(v["params"], v["batch_stats"], tx)
-
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  """The initial train state, replicated on `mesh` (the same draw on every process)."""
+  v = sharding.put_replicated(init_variables(config, config.seed, size_hw), mesh)
+  create = lambda v: state_lib.TrainState.create(v["params"], v["batch_stats"], tx)
+  return jax.jit(create, out_shardings=sharding.replicated(mesh))(v)
 
 
 def make_batches(config, cache, rows, process_index=0, process_count=1):
-  """Grain iterator of this process's share of each global SSL batch."""
+  """Grain iterator of this process's share of each global SSL batch.
+
+  The stream is indexed by record (shuffle order and augmentation RNG follow the record index),
+  so batching by batch_size / process_count and keeping every process_count-th batch from
+  `process_index` gives process p rows [p*b, (p+1)*b) of the global batch of record k: exactly the
+  contiguous slice `make_array_from_process_local_data` expects, and the same global batches as
+  one process (tests/test_multihost.py checks this bit for bit against 4 devices in one process).
+  """
   s = config.ssl
   return pipeline.ssl_dataset(
       cache.images_path, seed=config.seed, batch_size=s.batch_size // process_count,
@@ -146,10 +153,11 @@ def run(config, workdir):
 
   workdir = pathlib.Path(workdir)
   stage_dir = workdir / STAGE
-  cache = dataset.ensure_cache(config, workdir)
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
   if checkpoint.export_info(export_dir(workdir)) is None:
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size")
+    sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size",
+                              config.ssl.per_device_batch_size)
     rows = cache.indices("train")
     tx, total = make_optimizer(config, len(rows))
     state = create_state(config, tx, mesh, tuple(cache.size_hw))
@@ -162,6 +170,7 @@ def run(config, workdir):
         seed=config.seed)
     variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
     checkpoint.export(export_dir(workdir), variables, {"stage": STAGE, **info})
+    distributed.sync("ssl_export")  # process 0 writes export.json last; the others read it next
   if not config.ssl.eval_at_end:
     return {"export": str(export_dir(workdir))}
   return evaluate.run_stage_eval(config, workdir, STAGE)

@@ -15,6 +15,7 @@ import optax
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
 from cc2dv2_jax.losses import tpl_loss
+from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import torch_mapping
 from cc2dv2_jax.models import tpl_net
 from cc2dv2_jax.training import checkpoint
@@ -38,13 +39,19 @@ def build_model(config):
                         dtype=jnp.dtype(m.dtype))
 
 
-def init_variables(config, rng, size_hw):
-  v = build_model(config).init(rng, jnp.zeros((1, *size_hw, 1), jnp.float32), train=False)
-  params = v["params"]
+def init_variables(config, seed, size_hw):
+  """{'params': ...} as host arrays (NumPy draw, see ssl.init_variables for why)."""
+  params = host_init.init_variables(build_model(config), (1, *size_hw, 1), seed=seed)["params"]
   if config.model.pretrained_vgg:
-    params = torch_mapping.merge_vgg_params(params,
-                                           torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width))
+    vgg = torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width)
+    params = torch_mapping.merge_vgg_params(params, vgg)
   return {"params": params}
+
+
+def create_state(config, tx, mesh, size_hw):
+  params = sharding.put_replicated(init_variables(config, config.seed + 1, size_hw)["params"], mesh)
+  create = lambda p: state_lib.TrainState.create(p, {}, tx)
+  return jax.jit(create, out_shardings=sharding.replicated(mesh))(params)
 
 
 def make_train_step(config, tx, size_hw):
@@ -141,12 +148,7 @@ def run(config, workdir):
                                         epochs=t.epochs, decay_every_epochs=t.decay_every_epochs,
                                         num_steps=t.num_steps)
     tx = optim.adam_l2(optim.step_schedule(t.lr, decay, t.decay_factor), t.weight_decay)
-    rng = jax.random.key(config.seed + 1)
-
-    def init():
-      return state_lib.TrainState.create(init_variables(config, rng, size_hw)["params"], {}, tx)
-
-    state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    state = create_state(config, tx, mesh, size_hw)
     # Every process reads the whole global batch: WithTemplate keeps each one's slice.
     batches = pipeline.tpl_dataset(cache.images_path, pseudo, seed=config.seed,
                                    batch_size=t.batch_size, indices=rows,

@@ -1,0 +1,203 @@
+r"""How much one-shot (SSL template-matching) accuracy depends on which image is the template.
+
+  python -m launch.template_sensitivity --workdir=RUN [--num_templates=5 | --template_ids=001,042]
+      [--seed=0] [--out=DIR] [--config=configs/ceph.py ...]
+
+Restores the SSL encoder exported in RUN (a finished `--stage=ssl` or `all` workdir), then
+predicts the evaluation split once per template: the run's own template (data.template_id) plus
+num_templates - 1 other training images drawn with `seed` (or exactly --template_ids). Each is
+evaluated like the run itself (evaluation/metrics.evaluate_cache, both protocols) and the spread over
+templates is reported: mean, sample std (ddof 1), min, max and max - min of the pooled MRE.
+The one-shot MRE is known to move by about 0.5 mm with the template, which is as large as most
+ablation effects, so compare variants with the same template and read their differences against
+this spread. Writes template_sensitivity.json and .md into RUN/ssl/template_sensitivity/ (or
+--out). The config defaults to RUN/config.json (the run's exact config).
+"""
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from cc2dv2_jax import utils
+
+OUT_SUBDIR = ("ssl", "template_sensitivity")
+JSON_NAME = "template_sensitivity.json"
+MD_NAME = "template_sensitivity.md"
+PROTOCOLS = ("grid", "fullres")
+
+
+def out_dir_of(workdir):
+  return pathlib.Path(workdir).joinpath(*OUT_SUBDIR)
+
+
+def load_summary(workdir):
+  """{'num_templates', 'grid': {mean, std, min, max}, 'fullres': {...}} of a finished analysis."""
+  path = out_dir_of(workdir) / JSON_NAME
+  if not path.exists():
+    return None
+  data = json.loads(path.read_text())
+  return {"num_templates": data["num_templates"], **data["spread"]}
+
+
+def is_done(workdir, num_templates):
+  s = load_summary(workdir)
+  return s is not None and s["num_templates"] == num_templates
+
+
+def load_run_config(workdir):
+  """The ConfigDict recorded in <workdir>/config.json by the run."""
+  import ml_collections
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: not a cc2dv2_jax workdir (pass --config)")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def choose_templates(train_ids, configured, num_templates, seed=0):
+  """[configured] + num_templates - 1 other training ids drawn without replacement (sorted)."""
+  others = [i for i in train_ids if i != configured]
+  k = min(max(num_templates - 1, 0), len(others))
+  picked = np.random.default_rng(seed).choice(len(others), size=k, replace=False)
+  return [configured] + sorted(others[i] for i in picked)
+
+
+def spread(values):
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+          "min": float(v.min()), "max": float(v.max())}
+
+
+def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out_dir=None):
+  """Evaluates SSL inference with several templates; returns (and writes) the report dict.
+
+  Returns {"workdir", "configured_template", "templates": [{"id", "configured", "grid": {mre, std,
+  sdr}, "fullres": {...}, "splits": {protocol: {split: mre}}}], "num_templates", "num_images",
+  "split", "unit", "spread": {protocol: {mean, std, min, max}}, "seconds"}.
+  """
+  import jax.numpy as jnp
+  from cc2dv2_jax.data import dataset
+  from cc2dv2_jax.evaluation import metrics
+  from cc2dv2_jax.inference import matching
+  from cc2dv2_jax.inference import restore
+  from cc2dv2_jax.training import inputs
+
+  t0 = time.time()
+  workdir = pathlib.Path(workdir)
+  config = config if config is not None else load_run_config(workdir)
+  if not restore.has_export(workdir, "ssl"):
+    raise FileNotFoundError(f"{workdir}: no SSL export (run --stage=ssl first)")
+  cache = dataset.ensure_cache(config, workdir)
+  configured = str(config.data.template_id)
+  train_ids = [cache.ids[r] for r in cache.indices("train")]
+  if template_ids:
+    ids = [str(i) for i in template_ids]
+    bad = [i for i in ids if i not in train_ids]
+    if bad:
+      raise ValueError(f"template ids {bad} are not training images of {cache.path}")
+  else:
+    ids = choose_templates(train_ids, configured, num_templates, seed)
+  rows = cache.indices(config.eval.split)
+  gt_grid = cache.gt_grid_yx(config.data.gt)
+  images = cache.images[rows]
+
+  first = cache.row_of(ids[0])
+  predictor = restore.ssl_predictor(config, workdir, cache.images[first], gt_grid[first])
+  per_template = []
+  for tid in ids:
+    t = cache.row_of(tid)
+    # The same eager computation as SSLPredictor.__init__, so that the run's own template gives
+    # exactly the run's evaluation; only the template features change between templates (one
+    # compiled predictor for all).
+    x = inputs.scale_input(inputs.to_unit(jnp.asarray(cache.images[t])[None]), "ssl",
+                           config.model.imagenet_norm)
+    feats = predictor.net.apply(predictor.variables, x, train=False)
+    predictor.template_feats = matching.template_features(feats, jnp.asarray(gt_grid[t]),
+                                                          tuple(cache.size_hw))
+    preds = predictor(images, desc=f"template {tid}")
+    res = metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
+    entry = {"id": tid, "configured": tid == configured, "unit": res["unit"]}
+    for proto in PROTOCOLS:
+      s = res["summary"][proto]["pooled"]
+      entry[proto] = {"mre": s["mre"], "std": s["std"],
+                      "sdr": {f"{float(r):g}": v for r, v in s["sdr"].items()}}
+    entry["splits"] = {p: {k: v["mre"] for k, v in res["summary"][p].items()} for p in PROTOCOLS}
+    per_template.append(entry)
+    logging.info("template %s: MRE grid %.3f, fullres %.3f %s", tid, entry["grid"]["mre"],
+                 entry["fullres"]["mre"], res["unit"])
+  report = {
+      "workdir": str(workdir), "configured_template": configured, "templates": per_template,
+      "num_templates": len(ids), "num_images": int(len(rows)), "split": config.eval.split,
+      "unit": per_template[0]["unit"], "seed": seed,
+      "spread": {p: spread([e[p]["mre"] for e in per_template]) for p in PROTOCOLS},
+      "seconds": time.time() - t0,
+  }
+  write(report, out_dir or out_dir_of(workdir))
+  return report
+
+
+def markdown(report):
+  u = report["unit"]
+  radii = list(report["templates"][0]["grid"]["sdr"])
+  lines = [f"# Template sensitivity of SSL inference: {report['workdir']}", "",
+           f"{report['num_templates']} templates (training images), {report['num_images']} "
+           f"{report['split']} images; `*` = the run's configured template.", "",
+           f"| template | MRE grid ({u}) | MRE full res ({u}) | " +
+           " | ".join(f"SDR {r} (grid)" for r in radii) + " |",
+           "|---|---:|---:|" + "---:|" * len(radii)]
+  for e in sorted(report["templates"], key=lambda e: e["grid"]["mre"]):
+    mark = " *" if e["configured"] else ""
+    lines.append(f"| {e['id']}{mark} | {e['grid']['mre']:.3f} | {e['fullres']['mre']:.3f} | " +
+                 " | ".join(f"{e['grid']['sdr'][r]:.2f}" for r in radii) + " |")
+  lines += ["", f"| protocol | mean MRE ({u}) | std over templates (ddof 1) | min | max | "
+            "max − min |", "|---|---:|---:|---:|---:|---:|"]
+  for p, s in report["spread"].items():
+    std = "n/a" if not np.isfinite(s["std"]) else f"{s['std']:.3f}"
+    lines.append(f"| {p} | {s['mean']:.3f} | {std} | {s['min']:.3f} | {s['max']:.3f} | "
+                 f"{s['max'] - s['min']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+def write(report, out_dir):
+  from cc2dv2_jax.evaluation import report as report_lib
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  utils.atomic_write_text(out_dir / MD_NAME, markdown(report))
+  utils.atomic_write_text(out_dir / JSON_NAME,
+                          json.dumps(report_lib.to_jsonable(report), indent=1))
+  return out_dir
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, "A finished SSL run's workdir.", required=True)
+  config_flags.DEFINE_config_file("config", None, "Config (default: <workdir>/config.json).")
+  flags.DEFINE_integer("num_templates", 5, "Templates: the configured one plus N-1 drawn ones.")
+  flags.DEFINE_list("template_ids", [], "Exact training image ids to use instead.")
+  flags.DEFINE_integer("seed", 0, "Seed of the template draw.")
+  flags.DEFINE_string("out", "", "Output folder (default <workdir>/ssl/template_sensitivity).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
+  if config.get("compile_cache", False):
+    from cc2dv2_jax.training import loop
+    loop.enable_compile_cache(FLAGS.workdir)
+  report = run(FLAGS.workdir, config=config, num_templates=FLAGS.num_templates,
+               template_ids=FLAGS.template_ids or None, seed=FLAGS.seed, out_dir=FLAGS.out or None)
+  print(markdown(report))
+  return 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
