@@ -17,6 +17,7 @@ Who decides that a run is multi-process, first match wins:
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 from cc2dv2_jax.errors import ConfigError
@@ -112,6 +113,19 @@ def maybe_initialize(config=None):
 def is_main():
   """Process 0: the one that writes logs, metrics, reports and other single files."""
   return jax.process_index() == 0
+
+
+def agree(flag):
+  """Process 0's `flag` (a bool), on every process.
+
+  For decisions read from the shared filesystem ("is the export there?"): a process that looks
+  a moment later than another could see a file the other did not, and the processes would then
+  take different branches, one of them waiting forever in a collective the other never runs.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag), np.int32)))
 
 
 def sync(name):

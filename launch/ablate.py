@@ -200,8 +200,9 @@ def resolve_config(config, overrides=()):
     config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
                                     sys_argv=argv)
     fv(argv)
-  except Exception as e:  # absl wraps the config's own ValueError; name the variant instead.
-    raise ConfigError(f"--config={config} {' '.join(overrides)}: {e}") from e
+  except Exception as e:  # absl wraps the config's own ValueError in a long message.
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    raise ConfigError(f"--config={config}: {lines[-1] if lines else e}") from e
   return fv.config
 
 
@@ -328,13 +329,18 @@ def _launch(run, cmd, env, gpu=None):
                     device=device_name(gpu), t0=time.time())
 
 
-def _finish(run, proc, attempt):
+def _finish(run, proc, attempt, terminated=False):
   t0 = attempt.pop("t0")
   attempt.update(finished=_now(), wall_s=round(time.time() - t0, 1), exit_code=proc.returncode)
   _record_attempt(run, attempt)
-  logging.info("[ablate] %s: %s (exit %d, %.0f s)", run.name, _status(proc.returncode),
-               proc.returncode, attempt["wall_s"])
-  return _status(proc.returncode)
+  status = _status(proc.returncode)
+  if terminated and status == "failed":
+    # Killed by the forwarded SIGTERM before it could install its own handler (e.g. while
+    # importing): nothing is lost, the rerun starts or resumes it.
+    status = "interrupted"
+  logging.info("[ablate] %s: %s (exit %d, %.0f s)", run.name, status, proc.returncode,
+               attempt["wall_s"])
+  return status
 
 
 def _run_subprocesses(runs, cmd_of, env, gpus, term):
@@ -358,7 +364,7 @@ def _run_subprocesses(runs, cmd_of, env, gpus, term):
     time.sleep(0.2 if len(active) <= 1 else 1.0)
     for slot, (run, proc, attempt) in list(active.items()):
       if proc.poll() is not None:
-        statuses[run.name] = _finish(run, proc, attempt)
+        statuses[run.name] = _finish(run, proc, attempt, terminated=term.set)
         term.children.remove(proc)
         del active[slot]
   for run in pending:
@@ -387,6 +393,10 @@ def _run_in_process(runs, stages, config_overrides, other_flags):
     attempt.update(finished=_now(), wall_s=round(time.time() - t0, 1), exit_code=code)
     _record_attempt(run, attempt)
     statuses[run.name] = _status(code)
+    if code == PREEMPTED:  # SIGTERM reached the training loop: start nothing else
+      break
+  for run in runs:
+    statuses.setdefault(run.name, "interrupted")
   return statuses
 
 
@@ -397,16 +407,15 @@ def _jax_device_name(jax):
   return kind if n == 1 else f"{n}x {kind}"
 
 
-def prepare_data(runs, config_overrides, root, wait_s=0.0):
+def prepare_data(configs, root, wait_s=0.0):
   """Builds the shared data cache once (numpy only), after checking every run can share it.
 
-  wait_s > 0: do not build, wait up to wait_s seconds for another task to finish it.
-  Returns the cache directory.
+  configs: the resolved config of every run. wait_s > 0: do not build, wait up to wait_s seconds
+  for another task to finish it. Returns the cache directory.
   """
+  from cc2dv2_jax.data import cache as cache_lib
   from cc2dv2_jax.data import dataset
   root = pathlib.Path(root)
-  configs = [resolve_config(r.config, [f"--config.seed={r.seed}", *config_overrides])
-             for r in runs]
   keys = {_data_key(c) for c in configs}
   if len(keys) > 1:
     raise ConfigError("the variants change data settings other than gt, so they cannot share one "
@@ -421,7 +430,7 @@ def prepare_data(runs, config_overrides, root, wait_s=0.0):
       time.sleep(5.0)
   dataset.ensure_cache(configs[0], root / "shared_data")
   for c in configs[1:]:  # each variant's own checks (its gt, eval split) against the cache
-    dataset.validate(dataset.cache_lib.load_cache(out), c, str(out))
+    dataset.validate(cache_lib.load_cache(out), c, str(out))
   return out
 
 
@@ -444,19 +453,21 @@ def run_ablation(config, variants, seeds, root, *, stages="ssl", placement="sequ
   root.mkdir(parents=True, exist_ok=True)
   runs = plan(config, variants, seeds, root)
   config_overrides, other_flags = split_extra(extra)
-  all_runs = runs
+  if shared_data and not any(o.startswith("--config.data.cache_dir") for o in config_overrides):
+    config_overrides = [*config_overrides, f"--config.data.cache_dir={root / 'data_cache'}"]
+  # Every variant must parse before anything starts (a typo fails now, not after hours).
+  configs = [resolve_config(r.config, [f"--config.seed={r.seed}", *config_overrides])
+             for r in runs]
+  _update_plan_file(root, config, runs, stages, extra)
   if placement == "hosts":
     task_index, num_tasks = _task_from_env(task_index, num_tasks)
     runs = select_task(runs, task_index, num_tasks, task_unit)
-  _update_plan_file(root, config, all_runs, stages, extra)
 
   todo = [r for r in runs if not is_finished(r.workdir, stages)]
   statuses = {r.name: "skipped" for r in runs if r not in todo}
-  if shared_data and not any(o.startswith("--config.data.cache_dir") for o in config_overrides):
-    config_overrides = [*config_overrides, f"--config.data.cache_dir={root / 'data_cache'}"]
   if (todo or prepare_only) and shared_data:
     wait = wait_data_s if placement == "hosts" and task_index and not prepare_only else 0.0
-    prepare_data(all_runs, config_overrides, root, wait_s=wait)
+    prepare_data(configs, root, wait_s=wait)
   if prepare_only:
     return statuses
 

@@ -16,8 +16,9 @@ NPROC=${NPROC:-1}
 PYTHON=${PYTHON:-python}
 DRY_RUN=${DRY_RUN:-0}
 
+# DRY_RUN=1: print each command, shell-quoted, instead of running it.
 run() {
-  if [[ "$DRY_RUN" == 1 ]]; then echo "$*"; else "$@"; fi
+  if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
 if [[ "$NPROC" -le 1 ]]; then
@@ -35,7 +36,7 @@ for ((i = 0; i < NPROC; i++)); do
             JAX_PROCESS_ID="$i" JAX_LOCAL_DEVICE_IDS="$i")
   if [[ "$i" -gt 0 ]]; then env_vars+=(CC2D_QUIET_PROGRESS=1); fi
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "env ${env_vars[*]} $PYTHON -m cc2dv2_jax.main $*"
+    run env "${env_vars[@]}" "$PYTHON" -m cc2dv2_jax.main "$@"
   else
     env "${env_vars[@]}" "$PYTHON" -m cc2dv2_jax.main "$@" &
     pids+=($!)

@@ -83,8 +83,9 @@ def k8s(args=None, *, name, nodes, gpus_per_node, image, app_dir, pvc, mount, ma
   coordinator = f"{name}-workers-0-0.{name}:{COORDINATOR_PORT}"
   command = ", ".join(_yaml_str(a) for a in main_command(args))
   return f"""\
-# Rendered by `python -m launch.render k8s`; see launch/README.md. Needs the JobSet controller
-# (https://jobset.sigs.k8s.io) and a ReadWriteMany volume claim `{pvc}` holding data and workdir.
+# Rendered by `python -m launch.render k8s`; see launch/README.md. Needs the JobSet
+# controller (https://jobset.sigs.k8s.io) and a ReadWriteMany volume claim `{pvc}` that holds
+# the dataset and the workdir (every pod mounts it at the same path).
 apiVersion: jobset.x-k8s.io/v1alpha2
 kind: JobSet
 metadata:

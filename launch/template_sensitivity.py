@@ -6,8 +6,8 @@ r"""How much one-shot (SSL template-matching) accuracy depends on which image is
 Restores the SSL encoder exported in RUN (a finished `--stage=ssl` or `all` workdir), then
 predicts the evaluation split once per template: the run's own template (data.template_id) plus
 num_templates - 1 other training images drawn with `seed` (or exactly --template_ids). Each is
-evaluated like the run itself (evaluation/metrics.evaluate_cache, both protocols) and the spread over
-templates is reported: mean, sample std (ddof 1), min, max and max - min of the pooled MRE.
+evaluated like the run itself (evaluation/metrics.evaluate_cache, both protocols) and the spread
+over templates is reported: mean, sample std (ddof 1), min, max and max - min of the pooled MRE.
 The one-shot MRE is known to move by about 0.5 mm with the template, which is as large as most
 ablation effects, so compare variants with the same template and read their differences against
 this spread. Writes template_sensitivity.json and .md into RUN/ssl/template_sensitivity/ (or

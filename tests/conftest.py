@@ -23,8 +23,8 @@ def fixtures_dir():
   return FIXTURES
 
 
-@pytest.fixture
-def isbi_root():
+@pytest.fixture(scope="session")
+def isbi_root_session():
   """The real ISBI 2015 root from $CC2D_ISBI_ROOT, or skip when the variable is unset.
 
   When the variable is set the data must be there: a missing folder fails the test.
@@ -35,3 +35,8 @@ def isbi_root():
   path = pathlib.Path(root)
   assert path.is_dir(), f"CC2D_ISBI_ROOT={root} is not a directory"
   return path
+
+
+@pytest.fixture
+def isbi_root(isbi_root_session):
+  return isbi_root_session

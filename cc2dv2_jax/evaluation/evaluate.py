@@ -4,13 +4,17 @@
 <workdir>/eval/summary.md with both side by side.
 """
 import json
+import os
 import pathlib
+import shutil
 import time
 
 import jax
 from absl import logging
 
+from cc2dv2_jax import distributed
 from cc2dv2_jax import utils
+from cc2dv2_jax.data import cache as cache_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.evaluation import metrics
 from cc2dv2_jax.evaluation import report
@@ -40,10 +44,19 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
   results.update(stage=stage, inference_seconds=seconds, images_per_second=len(rows) / seconds)
   if jax.process_index() == 0:
     ids = [cache.ids[r] for r in rows]
-    report.write_report(results, out_dir, images=dict(zip(ids, cache.images[rows])),
+    # The report folder appears whole or not at all: a kill while plotting must not leave a
+    # results.json that a rerun takes for a finished evaluation.
+    final_dir = pathlib.Path(out_dir)
+    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):  # left by a killed run
+      shutil.rmtree(stale, ignore_errors=True)
+    report.write_report(results, tmp_dir, images=dict(zip(ids, cache.images[rows])),
                         preds=dict(zip(ids, preds)),
                         gts=dict(zip(ids, cache.gt_grid_yx(config.data.gt)[rows])),
                         overlay_ids="auto" if config.eval.overlays else None)
+    cache_lib.replace_dir(tmp_dir, final_dir)
+  distributed.sync(f"{stage}_eval_report")
   results["markdown"] = report.markdown_table(results)
   logging.info("%s evaluation on %d images (%.1f s):\n%s", stage, len(rows), seconds,
                results["markdown"])
@@ -53,10 +66,9 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
 def run_stage_eval(config, workdir, stage):
   """The test-split evaluation of `stage`, computed once and then read back from its report."""
   out_dir = _stage_out(workdir, stage)
-  done = _load(out_dir)
-  if done is not None:
-    return done
-  cache = dataset.ensure_cache(config, workdir)
+  if distributed.agree((out_dir / "results.json").exists()):
+    return _load(out_dir)
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
   return evaluate_stage(config, workdir, stage, cache, cache.indices(config.eval.split), out_dir)
 
 
@@ -74,4 +86,5 @@ def run(config, workdir):
   if jax.process_index() == 0:
     (workdir / "eval").mkdir(parents=True, exist_ok=True)
     utils.atomic_write_text(workdir / "eval" / "summary.md", summary)
+  distributed.sync("eval_summary")
   return {**results, "markdown": summary}

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from cc2dv2_jax import distributed
 from cc2dv2_jax import utils
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.inference import restore
@@ -23,9 +24,9 @@ def run(config, workdir):
   """
   workdir = pathlib.Path(workdir)
   path = tpl.pseudo_labels_path(workdir)
-  if path.exists():
+  if distributed.agree(path.exists()):
     return json.loads(path.read_text())
-  cache = dataset.ensure_cache(config, workdir)
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
   info = checkpoint.export_info(ssl.export_dir(workdir))
   if info is None:
     raise FileNotFoundError(f"{ssl.export_dir(workdir)}: no SSL export; run --stage=ssl first")
@@ -43,6 +44,7 @@ def run(config, workdir):
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_write_text(path, json.dumps(out))
+  distributed.sync("pseudo_labels")  # the TPL stage reads them next, on every process
   logging.info("pseudo-labels for %d images -> %s (mean error vs train GT %.2f px)",
                len(rows), path, err_px)
   return out

@@ -3,9 +3,17 @@
 It owns what every long run needs: resume from the last checkpoint (state and data iterator),
 a wall-clock budget, periodic checkpoints, JSON-lines metrics, a non-finite guard that names the
 step and batch at fault, and a clean exit on SIGTERM (preemption) after saving.
+
+Interruption-proof by construction: the checkpoint holds the train state, the data iterator's
+position, and the per-step metrics of the unfinished log interval. A run killed at any moment and
+rerun therefore replays exactly the steps after its last checkpoint with the same batches and the
+same per-step RNG (`fold_in(seed, step)`), and writes the same metrics.jsonl lines as a run that
+was never interrupted (tests/test_reliability_kill.py checks this bit for bit on CPU).
 """
+import collections
 import contextlib
 import json
+import math
 import os
 import pathlib
 import signal
@@ -15,15 +23,17 @@ import jax
 import numpy as np
 from absl import logging
 
+from cc2dv2_jax import utils
 from cc2dv2_jax.training import checkpoint
 from cc2dv2_jax.training import logs
 from cc2dv2_jax.training import sharding
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", what a scheduler should requeue on
+NONFINITE_REPORT = "nonfinite_report.json"
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+  """SIGTERM arrived; a checkpoint was written (if training) and the run can be resumed."""
 
 
 class NonFiniteError(RuntimeError):
@@ -49,66 +59,129 @@ def _sigterm_flag():
     signal.signal(signal.SIGTERM, previous)
 
 
+def _stop_requested(flag, step, log_every):
+  """Whether to save and exit now. Processes must agree, or one would wait in a collective forever.
+
+  One process: as soon as SIGTERM arrived. Several: at log steps (the same on every process),
+  when any of them got SIGTERM, so all save the same step together.
+  """
+  if jax.process_count() == 1:
+    return flag["set"]
+  if step % log_every:
+    return False
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.asarray(int(flag["set"]), np.int32))
+  return bool(np.any(flags))
+
+
+def _gather_rows(ids):
+  """This step's image rows of the global batch (each process holds only its own slice)."""
+  if jax.process_count() == 1:
+    return [int(i) for i in np.ravel(ids)]
+  from jax.experimental import multihost_utils
+  return [int(i) for i in np.ravel(multihost_utils.process_allgather(np.asarray(ids)))]
+
+
+def _row_name(row, row_ids):
+  if row < 0:
+    return "template" if row == -1 else "padding"
+  if row_ids is not None and row < len(row_ids):
+    return str(row_ids[row])
+  return str(row)
+
+
 def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, log_every,
-               ckpt_every, keep, max_seconds=0.0, seed=0):
+               ckpt_every, keep, max_seconds=0.0, seed=0, row_ids=None):
   """Runs `step_fn` until `total_steps` (or the time budget) and returns the final state.
 
   Args:
     state: a TrainState placed on `mesh` (replicated); replaced by the checkpoint when resuming.
     step_fn: pure (state, batch, rng) -> (state, metrics) with scalar metrics including "loss".
     batches: a grain iterator of numpy dicts (get_state/set_state); its "index" entry (source
-      image rows) stays on the host and is used to name a batch that produced a non-finite loss.
+      image rows, -1 for TPL's template) stays on the host and names a batch that produced a
+      non-finite loss.
     stage_dir: <workdir>/<stage>; checkpoints go to stage_dir/checkpoints.
+    keep: checkpoints kept besides the best one (lowest mean loss over the last log_every steps).
+    row_ids: optional image id of every row (cache.ids), for the non-finite report.
   Returns:
     (state, info) with info = dict(steps, elapsed_s, stopped_by) where stopped_by is
     "steps" or "time".
+  Raises:
+    NonFiniteError: a loss or gradient norm was NaN/Inf; stage_dir/nonfinite_report.json names
+      the step and batch; the checkpoints before it are kept.
+    Preempted: SIGTERM; a checkpoint of the current step was saved.
   """
+  if log_every < 1 or ckpt_every < 1:
+    raise ValueError(f"log_every={log_every} and ckpt_every={ckpt_every} must be >= 1")
   stage_dir = pathlib.Path(stage_dir)
   ckpt = checkpoint.Checkpointer(stage_dir / "checkpoints", keep=keep)
   elapsed0 = 0.0
+  window = []  # host metrics of each step since the last metrics line
+  recent = collections.deque(maxlen=log_every)  # last losses; their mean ranks the 'best' ckpt
   if ckpt.latest_step() is not None:
     state, data = ckpt.restore(state)
     batches.set_state(data["iterator"])
     elapsed0 = float(data.get("elapsed_s", 0.0))
+    window = [dict(m) for m in data.get("log_window", [])]
+    recent.extend(data.get("recent_loss", []))
     logging.info("[%s] resumed from step %d", name, ckpt.latest_step())
   start = int(jax.device_get(state.step))
   writer = logs.MetricsWriter(stage_dir / "metrics.jsonl", total_steps, name, resume_step=start)
   jstep = jax.jit(step_fn, donate_argnums=0)
   rng = jax.random.key(seed)
   t0 = time.time()
-  pending = []  # (step, batch ids, device metrics) since the last flush
+  pending = []  # (step, batch rows, device metrics) not fetched yet: one host sync per flush
   stopped_by = "steps"
 
   def elapsed():
     return elapsed0 + time.time() - t0
 
-  def flush():
-    """Fetches pending metrics (one host sync), stops on the first non-finite step, logs means."""
+  def nonfinite(step, ids, bad):
+    ckpt.close()  # let a save in flight (of an earlier, finite state) finish first
+    rows = _gather_rows(ids)
+    report = {"stage": name, "step": step, "batch_image_rows": rows,
+              "batch_image_ids": [_row_name(r, row_ids) for r in rows],
+              "non_finite": {k: str(v) for k, v in bad.items()},
+              "last_good_checkpoint": ckpt.latest_step(),
+              "checkpoints_kept": ckpt.all_steps()}
+    path = stage_dir / NONFINITE_REPORT
+    if jax.process_index() == 0:
+      utils.atomic_write_text(path, json.dumps(report, indent=1))
+    raise NonFiniteError(
+        f"[{name}] non-finite {sorted(bad)} at step {step}, batch images "
+        f"{report['batch_image_ids']}; training stopped. Last good checkpoint: step "
+        f"{report['last_good_checkpoint']} (kept). Report: {path}. A rerun resumes from that "
+        f"checkpoint and will meet the same step: lower the learning rate or check those images.")
+
+  def fetch():
+    """Moves pending device metrics into `window`; stops at the first non-finite step."""
     if not pending:
       return
     fetched = jax.device_get([m for _, _, m in pending])
     for (step, ids, _), m in zip(pending, fetched):
-      bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+      m = {k: float(v) for k, v in m.items()}
+      bad = {k: v for k, v in m.items() if not math.isfinite(v)}
       if bad:
-        report = {"stage": name, "step": step, "batch_image_rows": [int(i) for i in ids],
-                  "non_finite": {k: str(v) for k, v in bad.items()},
-                  "last_good_checkpoint": ckpt.latest_step()}
-        if jax.process_index() == 0:
-          (stage_dir / "nonfinite_report.json").write_text(json.dumps(report, indent=1))
-        ckpt.close()
-        raise NonFiniteError(
-            f"[{name}] non-finite {sorted(bad)} at step {step} (batch image rows "
-            f"{report['batch_image_rows']}); last good checkpoint: step {ckpt.latest_step()}; "
-            f"report: {stage_dir / 'nonfinite_report.json'}")
-    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    writer.write(pending[-1][0], means)
+        pending.clear()
+        nonfinite(step, ids, bad)
+      window.append(m)
+      recent.append(m["loss"])
     pending.clear()
 
+  def log(step):
+    fetch()
+    if window:
+      writer.write(step, {k: float(np.mean([m[k] for m in window])) for k in window[0]})
+      window.clear()
+
   def save(step):
-    flush()  # never checkpoint a state that came from a non-finite step
+    fetch()  # never checkpoint a state that came from a non-finite step
     if ckpt.latest_step() == step:
       return
-    ckpt.save(step, state, {"iterator": batches.get_state(), "elapsed_s": elapsed()})
+    data = {"iterator": batches.get_state(), "elapsed_s": elapsed(),
+            "log_window": [dict(m) for m in window], "recent_loss": list(recent)}
+    metrics = {checkpoint.BEST_METRIC: float(np.mean(recent))} if recent else None
+    ckpt.save(step, state, data, metrics)
 
   with _sigterm_flag() as sigterm:
     step = start
@@ -122,14 +195,16 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
       state, metrics = jstep(state, batch, jax.random.fold_in(rng, step))
       step += 1
       pending.append((step, ids, metrics))
-      if step % log_every == 0:
-        flush()
-      if sigterm["set"]:
+      if step % log_every == 0 or step == total_steps:
+        log(step)
+      if _stop_requested(sigterm, step, log_every):
         save(step)
         ckpt.close()
         raise Preempted(f"[{name}] SIGTERM at step {step}: checkpoint saved, rerun to resume")
       if step % ckpt_every == 0 and step < total_steps:
         save(step)
+    if stopped_by == "time":
+      log(step)
     save(step)
     ckpt.close()
   return state, {"steps": step, "elapsed_s": elapsed(), "stopped_by": stopped_by}

@@ -99,7 +99,7 @@ def make_train_step(config, tx):
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     for i, s in enumerate(ssl_net.STRIDES):
       metrics[f"loss_s{s}"] = per_layer[i]
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
@@ -154,7 +154,7 @@ def run(config, workdir):
   workdir = pathlib.Path(workdir)
   stage_dir = workdir / STAGE
   cache = dataset.ensure_cache(config, workdir, jax.process_index())
-  if checkpoint.export_info(export_dir(workdir)) is None:
+  if distributed.agree(checkpoint.export_info(export_dir(workdir)) is None):
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size",
                               config.ssl.per_device_batch_size)
@@ -167,7 +167,7 @@ def run(config, workdir):
         name=STAGE, state=state, step_fn=make_train_step(config, tx), batches=batches,
         mesh=mesh, stage_dir=stage_dir, total_steps=total, log_every=s.log_every,
         ckpt_every=s.ckpt_every, keep=s.keep_checkpoints, max_seconds=s.max_seconds,
-        seed=config.seed)
+        seed=config.seed, row_ids=cache.ids)
     variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
     checkpoint.export(export_dir(workdir), variables, {"stage": STAGE, **info})
     distributed.sync("ssl_export")  # process 0 writes export.json last; the others read it next

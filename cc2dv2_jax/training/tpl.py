@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cc2dv2_jax import distributed
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
 from cc2dv2_jax.losses import tpl_loss
@@ -72,7 +73,7 @@ def make_train_step(config, tx, size_hw):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
@@ -135,12 +136,13 @@ def run(config, workdir):
   from cc2dv2_jax.evaluation import evaluate
 
   workdir = pathlib.Path(workdir)
-  cache = dataset.ensure_cache(config, workdir)
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
   size_hw = tuple(cache.size_hw)
-  if checkpoint.export_info(export_dir(workdir)) is None:
+  if distributed.agree(checkpoint.export_info(export_dir(workdir)) is None):
     t = config.tpl
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(t.batch_size + 1, mesh, "tpl.batch_size + 1 (the template)")
+    sharding.check_batch_size(t.batch_size + 1, mesh, "tpl.batch_size + 1 (the template)",
+                              t.per_device_batch_size)
     pseudo = load_pseudo_labels(workdir, cache)
     rows = cache.indices("train")
     trow = cache.row_of(config.data.template_id)
@@ -160,6 +162,7 @@ def run(config, workdir):
         name=STAGE, state=state, step_fn=make_train_step(config, tx, size_hw), batches=batches,
         mesh=mesh, stage_dir=workdir / STAGE, total_steps=total, log_every=t.log_every,
         ckpt_every=t.ckpt_every, keep=t.keep_checkpoints, max_seconds=t.max_seconds,
-        seed=config.seed + 1)
+        seed=config.seed + 1, row_ids=cache.ids)
     checkpoint.export(export_dir(workdir), {"params": state.params}, {"stage": STAGE, **info})
+    distributed.sync("tpl_export")  # process 0 writes export.json last; the others read it next
   return evaluate.run_stage_eval(config, workdir, STAGE)

@@ -1,0 +1,70 @@
+"""The demo pipeline end to end on phantoms: ssl -> pseudo -> tpl -> eval, and it learns.
+
+One module-scoped run of `--stage=all` (configs/demo.py:test) serves every test here. Learning is
+judged against the one-shot baseline "predict the template's coordinates" on held-out phantoms.
+"""
+import json
+
+import numpy as np
+import pytest
+from absl import logging
+
+from cc2dv2_jax import cli
+from cc2dv2_jax import stages
+from cc2dv2_jax.data import dataset
+from cc2dv2_jax.evaluation import metrics
+from configs import demo
+
+MARGIN = 0.6  # a learned model must have at most 60% of the baseline's MRE
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  logging.set_verbosity(logging.WARNING)
+  config = demo.get_config("test")
+  config.compile_cache = False
+  workdir = tmp_path_factory.mktemp("demo")
+  results = stages.run("all", config, workdir)
+  return config, workdir, results
+
+
+def _baseline_mre(config, workdir, protocol):
+  cache = dataset.ensure_cache(config, workdir)
+  rows = cache.indices(config.eval.split)
+  template = cache.gt_grid_yx(config.data.gt)[cache.index_of(config.data.template_id)]
+  pred = np.repeat(template[None], len(rows), 0)
+  return metrics.evaluate_cache(pred, cache, rows)["summary"][protocol]["pooled"]["mre"]
+
+
+@pytest.mark.parametrize("stage", ["ssl", "tpl"])
+@pytest.mark.parametrize("protocol", ["grid", "fullres"])
+def test_beats_template_baseline(demo_run, stage, protocol):
+  config, workdir, results = demo_run
+  mre = results[stage]["summary"][protocol]["pooled"]["mre"]
+  base = _baseline_mre(config, workdir, protocol)
+  assert mre < MARGIN * base, f"{stage} MRE {mre:.2f} vs template baseline {base:.2f}"
+
+
+def test_outputs_a_person_can_look_at(demo_run):
+  config, workdir, _ = demo_run
+  for stage in ("ssl", "tpl"):
+    out = workdir / stage / "eval"
+    for name in ("results.json", "results.md", "sdr_vs_radius.png", "per_landmark_error.png"):
+      assert (out / name).stat().st_size > 0, out / name
+    assert len(list((out / "overlays").glob("*.png"))) >= 1
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n_images"] == len(dataset.ensure_cache(config, workdir).indices("test"))
+  summary = (workdir / "eval" / "summary.md").read_text()
+  assert "SSL only" in summary and "TPL" in summary
+  pseudo = json.loads((workdir / "pseudo" / "pseudo_labels.json").read_text())
+  assert len(pseudo["ids"]) == config.data.phantoms.num_train
+  assert pseudo["config"]["ssl"]["rdb"]["alpha"] == config.ssl.rdb.alpha
+  assert pseudo["ssl_step"] == config.ssl.num_steps
+
+
+def test_rerun_skips_finished_stages(demo_run, capsys):
+  config, workdir, results = demo_run
+  mtimes = {p: p.stat().st_mtime for p in workdir.rglob("results.json")}
+  assert cli.main(config, str(workdir), "all") == 0
+  assert {p: p.stat().st_mtime for p in workdir.rglob("results.json")} == mtimes
+  assert "SSL + TPL" in capsys.readouterr().out
