@@ -28,6 +28,7 @@ Memory: `compiled_bytes` is the compiled program's arguments + outputs + tempora
 
 A section that fails records {"error": ...} and the others still run; the exit status is then 1.
 """
+import contextlib
 import datetime
 import glob
 import json
@@ -192,17 +193,6 @@ def _ssl_host_batch(config, seed=0):
   }
 
 
-def _ssl_init_fn(config, tx, size_hw):
-  from cc2dv2_jax.training import ssl  # pylint: disable=g-import-not-at-top
-  rng = jax.random.key(config.seed)
-
-  def init():
-    v = ssl.init_variables(config, rng, size_hw)
-    return state_lib.TrainState.create(v["params"], v["batch_stats"], tx)
-
-  return init
-
-
 def abstract_ssl_inputs(config, mesh):
   """(jitted step, abstract state, abstract batch, rng) of the SSL step: no weights are made.
 
@@ -212,7 +202,10 @@ def abstract_ssl_inputs(config, mesh):
   from cc2dv2_jax.training import ssl  # pylint: disable=g-import-not-at-top
   size_hw = tuple(config.data.size_hw)
   tx, _ = ssl.make_optimizer(config, _NUM_TRAIN)
-  shapes = jax.eval_shape(_ssl_init_fn(config, tx, size_hw))
+  # The host draw takes about a second at full size; only its shapes are kept.
+  v = jax.eval_shape(lambda: ssl.init_variables(config, config.seed, size_hw))
+  params, stats = v["params"], v["batch_stats"]
+  shapes = jax.eval_shape(lambda p, b: state_lib.TrainState.create(p, b, tx), params, stats)
   rep = sharding.replicated(mesh)
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   data = sharding.data_sharded(mesh)
@@ -227,15 +220,16 @@ def bench_ssl_step(config, mesh, warmup, iters, ctx):
   s = config.ssl
   size_hw = tuple(config.data.size_hw)
   sharding.check_batch_size(s.batch_size, mesh, "ssl.batch_size")
+  # Lowered from shapes, exactly as the compile probes do, so that a warm probe finds this
+  # process's compile in the persistent cache.
+  jstep, astate, abatch, rng = abstract_ssl_inputs(config, mesh)
+  lowered, compiled, trace_s, compile_s = _lower_compile(jstep, astate, abatch, rng)
   tx, _ = ssl.make_optimizer(config, _NUM_TRAIN)
   t0 = time.perf_counter()
   state = ssl.create_state(config, tx, mesh, size_hw)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   batch = sharding.put_batch(_ssl_host_batch(config), mesh)
-  rng = jax.random.key(0)
-  jstep = jax.jit(ssl.make_train_step(config, tx), donate_argnums=0)
-  lowered, compiled, trace_s, compile_s = _lower_compile(jstep, state, batch, rng)
   holder = {"state": state}
 
   def one():
@@ -291,14 +285,8 @@ def bench_tpl_step(config, mesh, warmup, iters, ctx):
   b = config.tpl.batch_size + 1
   sharding.check_batch_size(b, mesh, "tpl.batch_size + 1")
   tx = _tpl_tx(config)
-  rng0 = jax.random.key(config.seed + 1)
-
-  def init():
-    return state_lib.TrainState.create(tpl.init_variables(config, rng0, size_hw)["params"], {},
-                                       tx)
-
   t0 = time.perf_counter()
-  state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  state = tpl.create_state(config, tx, mesh, size_hw)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   # A host copy of the initial weights for the naive version (the jitted step donates them).
@@ -363,8 +351,7 @@ def bench_tpl_naive(config, mesh, warmup, iters, ctx):
   if "tpl_params_host" in ctx:
     params_host, host = ctx["tpl_params_host"], ctx["tpl_host_batch"]
   else:
-    params_host = jax.device_get(jax.jit(lambda: tpl.init_variables(
-        config, jax.random.key(config.seed + 1), size_hw)["params"])())
+    params_host = tpl.init_variables(config, config.seed + 1, size_hw)["params"]
     host = _tpl_host_batch(config)
   params = jax.device_put(params_host, dev)
   tx = _tpl_tx(config)
@@ -374,7 +361,7 @@ def bench_tpl_naive(config, mesh, warmup, iters, ctx):
 
   def loss_fn(p, x, mask, off_y, off_x):
     out = net.apply({"params": p}, x, train=True)
-    heat, pred_y, pred_x = tpl_loss.split_output(out, n)
+    heat, pred_y, pred_x = tpl_net.split_tpl_output(out, n)
     focal = tpl_loss.focal_loss(heat, mask)
     return (tpl_loss.masked_l1(pred_x, off_x, mask) + tpl_loss.masked_l1(pred_y, off_y, mask)
             + lam * focal)
@@ -419,8 +406,7 @@ def bench_ssl_infer(config, mesh, warmup, iters, infer_batch, ctx):
     st = ctx["ssl_state"]
     variables = {"params": st.params["net"], "batch_stats": st.batch_stats["net"]}
   else:
-    variables = jax.jit(lambda: ssl.init_variables(config, jax.random.key(config.seed),
-                                                   size_hw))()
+    variables = ssl.init_variables(config, config.seed, size_hw)
     variables = {"params": variables["params"]["net"],
                  "batch_stats": variables["batch_stats"]["net"]}
   b = _infer_batch(infer_batch, config.ssl.infer_batch_size, mesh)
@@ -469,8 +455,7 @@ def bench_tpl_infer(config, mesh, warmup, iters, infer_batch, ctx):
   if "tpl_state" in ctx:
     variables = {"params": ctx["tpl_state"].params}
   else:
-    variables = jax.jit(lambda: tpl.init_variables(config, jax.random.key(config.seed + 1),
-                                                   size_hw))()
+    variables = tpl.init_variables(config, config.seed + 1, size_hw)
   b = _infer_batch(infer_batch, config.tpl.infer_batch_size, mesh)
   images = _smooth_images(b, size_hw, seed=5)
   pred = predictors.TPLPredictor(tpl.build_model(config), variables, num_landmarks=n, radius=r,
@@ -568,28 +553,49 @@ def bench_pipeline(config, workers, min_seconds, min_batches, ctx, num_images=16
 # ---------------------------------------------------------------------------- compile probes
 
 
-def run_probe(config_json_path, cache_dir, out_path):
-  """One compile of the SSL step in this (fresh) process through the persistent cache."""
-  t_start = time.perf_counter()
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  counts = {"cache_hits": 0, "cache_misses": 0}
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits",
+                 "/jax/compilation_cache/cache_misses": "cache_misses"}
+_cache_counts = {"cache_hits": 0, "cache_misses": 0}
+_listening = []
+
+
+def count_cache_events():
+  """Counts persistent-cache hits and misses of this process from now on (idempotent)."""
+  if _listening:
+    return _cache_counts
 
   def listener(event, **kwargs):
     del kwargs
-    if event == "/jax/compilation_cache/cache_hits":
-      counts["cache_hits"] += 1
-    elif event == "/jax/compilation_cache/cache_misses":
-      counts["cache_misses"] += 1
+    if event in _CACHE_EVENTS:
+      _cache_counts[_CACHE_EVENTS[event]] += 1
 
   jax.monitoring.register_event_listener(listener)
+  _listening.append(listener)
+  return _cache_counts
+
+
+def use_persistent_cache(cache_dir, min_compile_s=1.0):
+  """Points this process's persistent compilation cache at `cache_dir` (before any compile).
+
+  Programs that compile in under `min_compile_s` are not written (the training default), which
+  keeps the hundreds of one-op programs of the naive step out of the cache.
+  """
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  count_cache_events()
+
+
+def run_probe(config_json_path, cache_dir, out_path):
+  """One compile of the SSL step in this (fresh) process through the persistent cache."""
+  t_start = time.perf_counter()
+  use_persistent_cache(cache_dir)
   config = ml_collections.ConfigDict(json.loads(pathlib.Path(config_json_path).read_text()))
   mesh = sharding.make_mesh()
   step, state, batch, rng = abstract_ssl_inputs(config, mesh)
   _, _, trace_s, compile_s = _lower_compile(step, state, batch, rng)
   out = {"trace_s": trace_s, "compile_s": compile_s, "total_s": trace_s + compile_s,
-         "process_s": time.perf_counter() - t_start, **counts}
+         "process_s": time.perf_counter() - t_start, **_cache_counts}
   pathlib.Path(out_path).write_text(json.dumps(out))
   return out
 
@@ -598,31 +604,43 @@ def _project_root():
   return str(pathlib.Path(__file__).resolve().parent.parent)
 
 
-def bench_compile(config, timeout_s=1800):
-  """Cold then warm compile of the SSL step, each in a new process sharing one cache dir."""
+def _probe(config_json, cache_dir, out_path, timeout_s):
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH")) if p)
+  cmd = [sys.executable, "-m", "cc2dv2_jax.bench", f"--probe={config_json}",
+         f"--probe_cache_dir={cache_dir}", f"--out={out_path}"]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
+                        check=False)
+  wall = time.perf_counter() - t0
+  if proc.returncode != 0:
+    raise RuntimeError(f"compile probe failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return {**json.loads(pathlib.Path(out_path).read_text()), "wall_s": wall}
+
+
+def bench_compile(config, in_process_cold=None, cache_dir=None, timeout_s=1800):
+  """Cold and warm compile of the SSL step through the persistent compilation cache.
+
+  Args:
+    in_process_cold: this process's own SSL-step compile figures when they were made against
+      `cache_dir` while it was empty (the CLI's default); then only the warm run is a new process.
+      Otherwise both runs are new processes sharing a new temporary cache directory.
+  """
   out = {}
   with tempfile.TemporaryDirectory(prefix="cc2d_compile_") as tmp:
     cfg = os.path.join(tmp, "config.json")
     pathlib.Path(cfg).write_text(config.to_json_best_effort())
-    cache = os.path.join(tmp, "jax_cache")
-    for kind in ("cold", "warm"):
-      res = os.path.join(tmp, f"{kind}.json")
-      cmd = [sys.executable, "-m", "cc2dv2_jax.bench", f"--probe={cfg}",
-             f"--probe_cache_dir={cache}", f"--out={res}"]
-      t0 = time.perf_counter()
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                            check=False)
-      wall = time.perf_counter() - t0
-      if proc.returncode != 0:
-        raise RuntimeError(f"{kind} compile probe failed ({proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
-      out[kind] = {**json.loads(pathlib.Path(res).read_text()), "wall_s": wall}
-    out["cache_files"] = len(os.listdir(cache)) if os.path.isdir(cache) else 0
+    if in_process_cold is not None and cache_dir:
+      out["cold"] = dict(in_process_cold, where="this process (first compile, empty cache)")
+    else:
+      cache_dir = os.path.join(tmp, "jax_cache")
+      out["cold"] = dict(_probe(cfg, cache_dir, os.path.join(tmp, "cold.json"), timeout_s),
+                         where="new process, empty cache")
+    out["warm"] = dict(_probe(cfg, cache_dir, os.path.join(tmp, "warm.json"), timeout_s),
+                       where="new process, cache filled by the cold compile")
+    out["cache_files"] = len(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else 0
   out["dtype"] = config.model.dtype
-  out["what"] = ("SSL train step: trace+lower and XLA compile in a fresh process; warm reads the "
-                 "persistent cache the cold run wrote")
+  out["what"] = "SSL train step: trace+lower, then XLA compile or persistent-cache load"
   return out
 
 
@@ -758,8 +776,13 @@ def environment(config):
 
 
 def run(config, *, sections=ALL_SECTIONS, warmup=3, iters=20, infer_batch=0, workers=None,
-        pipeline_seconds=3.0, pipeline_min_batches=10, naive_iters=None, profile_dir=""):
-  """Runs the requested sections; returns the results dict (see the module docstring)."""
+        pipeline_seconds=3.0, pipeline_min_batches=10, naive_iters=None, profile_dir="",
+        fresh_cache_dir=None):
+  """Runs the requested sections; returns the results dict (see the module docstring).
+
+  fresh_cache_dir: the persistent cache directory this process was pointed at while empty
+    (`use_persistent_cache`); its first SSL-step compile is then the cold compile.
+  """
   unknown = set(sections) - set(ALL_SECTIONS)
   if unknown:
     raise ValueError(f"unknown sections {sorted(unknown)}; known: {ALL_SECTIONS}")
@@ -783,8 +806,14 @@ def run(config, *, sections=ALL_SECTIONS, warmup=3, iters=20, infer_batch=0, wor
                                                          if "error" in res else ""),
           file=sys.stderr, flush=True)
 
+  misses0 = _cache_counts["cache_misses"]
   attempt("ssl_step", lambda: bench_ssl_step(config, mesh, warmup, iters, ctx))
   ctx["ssl_step_result"] = results.get("ssl_step")
+  cold = None
+  ssl_res = results.get("ssl_step", {})
+  if fresh_cache_dir and "compile_s" in ssl_res and _cache_counts["cache_misses"] > misses0:
+    cold = {"trace_s": ssl_res["trace_s"], "compile_s": ssl_res["compile_s"],
+            "total_s": ssl_res["trace_s"] + ssl_res["compile_s"]}
   if profile_dir and "ssl_compiled" in ctx:
     try:
       results["profile"] = profile_ssl_step(ctx, profile_dir)
@@ -803,7 +832,7 @@ def run(config, *, sections=ALL_SECTIONS, warmup=3, iters=20, infer_batch=0, wor
   ctx.pop("tpl_state", None)
   attempt("pipeline", lambda: bench_pipeline(config, workers, pipeline_seconds,
                                              pipeline_min_batches, ctx))
-  attempt("compile", lambda: bench_compile(config))
+  attempt("compile", lambda: bench_compile(config, cold, fresh_cache_dir))
   results["env"]["device_peak_bytes_end"] = device_peak_bytes()
   return results
 
@@ -906,6 +935,9 @@ def _define_flags():
   flags.DEFINE_list("workers", None, "Pipeline worker counts (default 0, 1, 2, 4, ..., cpus).")
   flags.DEFINE_float("pipeline_seconds", 3.0, "Timed seconds per worker count.")
   flags.DEFINE_string("profile_dir", "", "If set: jax.profiler trace of 5 SSL steps here.")
+  flags.DEFINE_string("compile_cache_dir", "",
+                      "Persistent compilation cache for this run: '' = a new temporary directory "
+                      "(so the SSL step's compile here is the cold one), 'none' = off, or a path.")
   flags.DEFINE_string("probe", "", "Internal: config JSON of a compile probe.")
   flags.DEFINE_string("probe_cache_dir", "", "Internal: the compile probe's cache directory.")
   return flags.FLAGS
@@ -922,14 +954,25 @@ def main(argv):
   if flags_.config is None:
     raise app.UsageError("--config is required")
   workers = None if flags_.workers is None else [int(w) for w in flags_.workers]
-  results = run(flags_.config, sections=tuple(flags_.sections), warmup=flags_.warmup,
-                iters=flags_.iters, infer_batch=flags_.infer_batch, workers=workers,
-                pipeline_seconds=flags_.pipeline_seconds, naive_iters=flags_.naive_iters,
-                profile_dir=flags_.profile_dir)
+  with contextlib.ExitStack() as stack:
+    cache_dir, fresh = flags_.compile_cache_dir, False
+    if not cache_dir:
+      cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cc2d_jax_cache_"))
+    if cache_dir != "none":
+      fresh = not os.path.isdir(cache_dir) or not os.listdir(cache_dir)
+      use_persistent_cache(cache_dir)
+    results = _run_flags(flags_, workers, cache_dir if fresh else None)
   write_results(results, flags_.out)
   print(format_table(results))
   print(f"results: {flags_.out}")
   return 1 if has_errors(results) else 0
+
+
+def _run_flags(flags_, workers, fresh_cache_dir):
+  return run(flags_.config, sections=tuple(flags_.sections), warmup=flags_.warmup,
+             iters=flags_.iters, infer_batch=flags_.infer_batch, workers=workers,
+             pipeline_seconds=flags_.pipeline_seconds, naive_iters=flags_.naive_iters,
+             profile_dir=flags_.profile_dir, fresh_cache_dir=fresh_cache_dir)
 
 
 _FLAGS = None

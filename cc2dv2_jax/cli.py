@@ -79,7 +79,9 @@ def main(config, workdir, stage, overwrite=False):
       results = stages.run(stage, config, workdir, overwrite=overwrite)
   except (DataError, ConfigError) as e:
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
+    # One line (a decoder's multi-line message included): easy to spot and to grep in job logs.
+    print(f"error: {' '.join(l.strip() for l in str(e).splitlines() if l.strip())}",
+          file=sys.stderr)
     _remove_if_created_empty(workdir, existed)
     return EXIT_BAD_INPUT
   except loop.Preempted as e:

@@ -107,6 +107,10 @@ def maybe_initialize(config=None):
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  if jax.process_index() != 0:
+    # Host 0 alone logs progress; the others still report warnings and errors.
+    logging.set_verbosity(logging.WARNING)
+    os.environ["CC2D_QUIET_PROGRESS"] = "1"  # utils.progress lines
   return True
 
 

@@ -6,6 +6,7 @@ does not divide over the devices) fails in seconds instead of after hours of SSL
 key at fault; all config problems are listed at once.
 """
 import os
+import pathlib
 
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
@@ -59,10 +60,7 @@ def _problems(config):
   need(_get(config, "data.gt") in GT_CHOICES, "data.gt", f"choose from {GT_CHOICES}")
   need(str(_get(config, "data.template_id", "")) != "", "data.template_id", "must name an image")
   positive("data.num_workers", integer=True, allow_zero=True)
-  root = _get(config, "data.root", "")
-  if root:
-    need(os.path.isdir(root), "data.root", "no such folder")
-  else:
+  if not _get(config, "data.root", ""):  # (a missing root is reported by the dataset reader)
     pair("data.phantoms.size_hw", MIN_SIDE)
     need(_get(config, "data.phantoms.num_landmarks") == _get(config, "data.num_landmarks"),
          "data.phantoms.num_landmarks", "must equal data.num_landmarks")
@@ -114,7 +112,7 @@ def check_config(config):
   """Raises ConfigError listing every invalid setting; then checks batches against the devices."""
   problems = _problems(config)
   if problems:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("invalid config: " + "; ".join(problems))
   from cc2dv2_jax.training import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size",
@@ -146,7 +144,6 @@ def run(config, workdir, stage, overwrite=False):
   removed from the workdir first (workdir.clear_other_run).
   Returns the loaded data cache (None for stages that need no dataset).
   """
-  import pathlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from cc2dv2_jax import distributed  # pylint: disable=g-import-not-at-top
   if stage not in DATA_STAGES:

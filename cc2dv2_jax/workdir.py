@@ -17,8 +17,8 @@ from cc2dv2_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 # Settings that change how a run is executed or reported, not what it computes.
-_IGNORED = ("stage", "compile_cache", "distributed", "data.num_workers", "data.cache_dir", "predict",
-            "ssl.log_every", "ssl.ckpt_every", "ssl.keep_checkpoints", "ssl.max_seconds",
+_IGNORED = ("stage", "compile_cache", "distributed", "data.num_workers", "data.cache_dir",
+            "predict", "ssl.log_every", "ssl.ckpt_every", "ssl.keep_checkpoints", "ssl.max_seconds",
             "ssl.infer_batch_size", "tpl.log_every", "tpl.ckpt_every", "tpl.keep_checkpoints",
             "tpl.max_seconds", "tpl.infer_batch_size", "eval.overlays")
 # What a run of another config leaves that --overwrite removes. data_cache and phantoms only when a

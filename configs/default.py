@@ -73,6 +73,10 @@ def get_config():
       radius_frac=0.05,  # R = int(max(H, W) * radius_frac) = 19 at 384
       loss_lambda=2.0,
       reference_quirks=False,  # the reference's off-centre disk and top/left shift (parity only)
+      # Start the TPL encoder from the SSL-trained VGG19 (the reference starts from ImageNet; we
+      # train from random init unless model.pretrained_vgg is given, see training/tpl.py).
+      init_from_ssl=True,
+      heat_prior=0.0,  # >0: initial heatmap probability (bias prior); 0 = reference init
       epochs=90,
       repeats=10,
       iters_per_epoch=500,  # the reference counts 500 iterations per epoch

@@ -23,13 +23,22 @@ def get_config(arg=None):
   c.model.rfb = True
   c.ssl.batch_size = 8
   c.ssl.patch_size = 64
-  c.ssl.num_steps = 300
+  c.ssl.num_steps = 240
   c.ssl.lr = 1e-3
   c.ssl.log_every = 25
   c.ssl.ckpt_every = 100
   c.ssl.infer_batch_size = 8
   c.tpl.batch_size = 3
-  c.tpl.num_steps = 200
+  # A few hundred TPL steps instead of 45,000: at the reference settings (lr 3e-4, lambda 2,
+  # R = 5% of the image, sigmoid starting at 0.5) the heatmaps are still flat after 120 steps and
+  # voting then lands anywhere (measured: 76 mm MRE vs 7.5 mm with the settings below). A wider
+  # disk, a heavier heatmap term (the reference uses 15 for its chest set), a faster lr and a
+  # low initial heatmap probability make the short run learn.
+  c.tpl.num_steps = 160
+  c.tpl.lr = 1e-3
+  c.tpl.loss_lambda = 15.0
+  c.tpl.radius_frac = 0.1
+  c.tpl.heat_prior = 0.01
   c.tpl.log_every = 25
   c.tpl.ckpt_every = 100
   c.tpl.infer_batch_size = 8
@@ -39,5 +48,5 @@ def get_config(arg=None):
     c.data.phantoms.num_test1 = 4
     c.data.phantoms.num_test2 = 4
     c.ssl.num_steps = 120
-    c.tpl.num_steps = 80
+    c.tpl.num_steps = 120
   return c

@@ -473,6 +473,9 @@ def run_ablation(config, variants, seeds, root, *, stages="ssl", placement="sequ
 
   env = dict(os.environ)
   env.setdefault("CC2D_JAX_CACHE", str(root / ".jax_cache"))
+  # Each variant is a single-process run, even when the runner itself sits inside a multi-task
+  # srun/mpirun allocation (whose variables would otherwise make it join a cluster).
+  env["CC2D_DISTRIBUTED"] = "0"
   if todo:
     logging.info("[ablate] %d of %d runs to do, %d finished before", len(todo), len(runs),
                  len(runs) - len(todo))

@@ -34,7 +34,6 @@ for ((i = 0; i < NPROC; i++)); do
   # JAX_LOCAL_DEVICE_IDS: process i drives GPU i only (ignored on CPU).
   env_vars=(JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" JAX_NUM_PROCESSES="$NPROC"
             JAX_PROCESS_ID="$i" JAX_LOCAL_DEVICE_IDS="$i")
-  if [[ "$i" -gt 0 ]]; then env_vars+=(CC2D_QUIET_PROGRESS=1); fi
   if [[ "$DRY_RUN" == 1 ]]; then
     run env "${env_vars[@]}" "$PYTHON" -m cc2dv2_jax.main "$@"
   else
@@ -43,9 +42,14 @@ for ((i = 0; i < NPROC; i++)); do
   fi
 done
 rc=0
-for pid in "${pids[@]}"; do
+for pid in ${pids[@]+"${pids[@]}"}; do
   wait "$pid"
   status=$?
+  # A trapped signal interrupts `wait`; wait again for the process's own exit status.
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid"
+    status=$?
+  done
   if [[ "$rc" -eq 0 && "$status" -ne 0 ]]; then rc=$status; fi
 done
 exit "$rc"

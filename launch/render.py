@@ -63,7 +63,6 @@ def slurm(args=None, *, name, nodes, gpus_per_node, cpus_per_task, time, partiti
       "set -uo pipefail",
       "# Run from the repository root (or with cc2dv2_jax installed); extra arguments to sbatch",
       "# after the script name are passed on, e.g. `sbatch launch/slurm.sbatch --config.seed=1`.",
-      "export CC2D_QUIET_PROGRESS=1  # no progress lines from every task in the log",
       f"srun --kill-on-bad-exit=1 {cmd} \"$@\"",
       "rc=$?",
       f"if [ \"$rc\" -eq {PREEMPTED_EXIT_CODE} ]; then",
@@ -107,7 +106,7 @@ spec:
         template:
           spec:
             restartPolicy: Never
-            terminationGracePeriodSeconds: 180  # SIGTERM -> checkpoint -> exit {PREEMPTED_EXIT_CODE}
+            terminationGracePeriodSeconds: 180  # SIGTERM: checkpoint, exit {PREEMPTED_EXIT_CODE}
             containers:
             - name: {name}
               image: {image}
@@ -122,8 +121,6 @@ spec:
                 valueFrom:
                   fieldRef:
                     fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
-              - name: CC2D_QUIET_PROGRESS
-                value: "1"
               ports:
               - containerPort: {COORDINATOR_PORT}
               resources:

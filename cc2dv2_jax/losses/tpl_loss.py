@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cc2dv2_jax.models import tpl_net
+
 # The reference clamps the sigmoid in float32; 1 - 1e-7 rounds to 1 - 2**-23 there, and the lower
 # bound of 1 - p is then 2**-23, not 1e-7. Keep those exact float32 bounds.
 _P_MIN = np.float32(1e-7)
@@ -20,9 +22,9 @@ _LOG_Q_MIN = float(np.log(np.float64(np.float32(1.0) - _P_MAX)))
 _LOG_Q_MAX = float(np.log(np.float64(np.float32(1.0) - _P_MIN)))
 
 
-def default_radius(size_hw):
+def default_radius(size_hw, fraction=0.05):
   """Disk radius of the reference: int(max(H, W) * 0.05) (19 at 384x384)."""
-  return int(max(size_hw) * 0.05)
+  return int(max(size_hw) * fraction)
 
 
 def make_targets(landmarks_yx, size_hw, radius, reference_quirks=False):
@@ -108,12 +110,6 @@ def masked_l1(pred, target, mask):
   return num / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def split_output(out, num_landmarks):
-  """[B, H, W, 3L] -> (heat_logits, off_y, off_x), each [B, H, W, L] (x-offsets come first)."""
-  n = num_landmarks
-  return out[..., :n], out[..., 2 * n:3 * n], out[..., n:2 * n]
-
-
 def tpl_loss(out, landmarks_yx, radius, lam=2.0, reference_quirks=False):
   """TPL training loss: masked L1 on x and y offsets plus lam times the focal heatmap loss.
 
@@ -132,7 +128,7 @@ def tpl_loss(out, landmarks_yx, radius, lam=2.0, reference_quirks=False):
   n = landmarks_yx.shape[1]
   if c != 3 * n:
     raise ValueError(f"output has {c} channels, expected 3 * {n} landmarks")
-  heat, pred_y, pred_x = split_output(out, n)
+  heat, pred_y, pred_x = tpl_net.split_tpl_output(out, n)
   mask, off_y, off_x = jax.vmap(
       lambda lm: make_targets(lm, (h, w), radius, reference_quirks))(landmarks_yx)
   focal = focal_loss(heat, mask)

@@ -3,10 +3,11 @@
 TensorBoard/CLU writers would pull TensorFlow in; a JSON-lines file is enough for our plots and
 for resuming (we append, and drop lines past the resumed step so a rerun does not duplicate).
 
-Size stays bounded by the run itself, so there is nothing to rotate: one line (~300 bytes) per
-`log_every` steps, rewritten rather than appended to on resume. A full ISBI SSL run (61,875 steps,
-log_every 50) writes ~1,240 lines, ~0.4 MB; TPL (45,000 steps) ~0.3 MB. The console gets the same
-one line per log interval (orbax and grain INFO chatter is filtered in cli.py).
+Size stays bounded by the run itself, so there is nothing to rotate: one line per `log_every`
+steps (~230 bytes for SSL, ~110 for TPL); a resume drops the lines past its checkpoint. A full
+ISBI run (SSL 61,800 steps, TPL 45,000, log_every 50) writes ~0.3 MB and ~0.1 MB. The console
+(absl, stderr only: no log files are written) gets the same one line per log interval plus a few
+per stage; orbax and grain INFO chatter is filtered in cli.py.
 """
 import json
 import pathlib

@@ -189,7 +189,17 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
       if max_seconds and elapsed() >= max_seconds:
         stopped_by = "time"
         break
-      host_batch = next(batches)
+      try:
+        host_batch = next(batches)
+      except Exception:  # pylint: disable=broad-except
+        # A scheduler's SIGTERM to the process group also stops grain's worker processes, and
+        # the iterator may fail before the flag is looked at: still save the state we have.
+        if not sigterm["set"] or jax.process_count() > 1:  # (several: they must save together)
+          raise
+        save(step)
+        ckpt.close()
+        raise Preempted(f"[{name}] SIGTERM at step {step} (data workers stopped): checkpoint "
+                        f"saved, rerun to resume") from None
       ids = np.asarray(host_batch.pop("index"))
       batch = sharding.put_batch(host_batch, mesh)
       state, metrics = jstep(state, batch, jax.random.fold_in(rng, step))

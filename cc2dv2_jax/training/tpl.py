@@ -24,6 +24,7 @@ from cc2dv2_jax.training import inputs
 from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import optim
 from cc2dv2_jax.training import sharding
+from cc2dv2_jax.training import ssl
 from cc2dv2_jax.training import state as state_lib
 
 STAGE = "tpl"
@@ -31,7 +32,7 @@ STAGE = "tpl"
 
 def radius(config, size_hw):
   """R = int(max(H, W) * radius_frac): 19 px on the 384 grid."""
-  return int(max(size_hw) * config.tpl.radius_frac)
+  return tpl_loss.default_radius(size_hw, config.tpl.radius_frac)
 
 
 def build_model(config):
@@ -40,17 +41,33 @@ def build_model(config):
                         dtype=jnp.dtype(m.dtype))
 
 
-def init_variables(config, seed, size_hw):
-  """{'params': ...} as host arrays (NumPy draw, see ssl.init_variables for why)."""
+def init_variables(config, seed, size_hw, workdir=None):
+  """{'params': ...} as host arrays (NumPy draw, see ssl.init_variables for why).
+
+  Encoder weights come, in this order of preference, from the SSL export of `workdir` when
+  `tpl.init_from_ssl` (the SSL stage has just trained the same VGG19 on these images; the
+  reference instead starts both stages from ImageNet), from `model.pretrained_vgg`, or random.
+  """
   params = host_init.init_variables(build_model(config), (1, *size_hw, 1), seed=seed)["params"]
-  if config.model.pretrained_vgg:
+  if config.tpl.heat_prior > 0:
+    # RetinaNet-style prior: start the heatmaps at sigmoid = heat_prior instead of 0.5, so the
+    # focal loss is not spent for hundreds of steps pushing the background down.
+    n = config.data.num_landmarks
+    bias = np.array(params["final"]["bias"])
+    bias[:n] = -np.log((1.0 - config.tpl.heat_prior) / config.tpl.heat_prior)
+    params["final"] = {**params["final"], "bias": bias}
+  if config.tpl.init_from_ssl and workdir is not None:
+    ssl_vars = checkpoint.restore_export(ssl.export_dir(workdir))
+    params = torch_mapping.merge_vgg_params(params, jax.device_get(ssl_vars["params"]["vgg"]))
+  elif config.model.pretrained_vgg:
     vgg = torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width)
     params = torch_mapping.merge_vgg_params(params, vgg)
   return {"params": params}
 
 
-def create_state(config, tx, mesh, size_hw):
-  params = sharding.put_replicated(init_variables(config, config.seed + 1, size_hw)["params"], mesh)
+def create_state(config, tx, mesh, size_hw, workdir=None):
+  params = init_variables(config, config.seed + 1, size_hw, workdir)["params"]
+  params = sharding.put_replicated(params, mesh)
   create = lambda p: state_lib.TrainState.create(p, {}, tx)
   return jax.jit(create, out_shardings=sharding.replicated(mesh))(params)
 
@@ -150,7 +167,7 @@ def run(config, workdir):
                                         epochs=t.epochs, decay_every_epochs=t.decay_every_epochs,
                                         num_steps=t.num_steps)
     tx = optim.adam_l2(optim.step_schedule(t.lr, decay, t.decay_factor), t.weight_decay)
-    state = create_state(config, tx, mesh, size_hw)
+    state = create_state(config, tx, mesh, size_hw, workdir)
     # Every process reads the whole global batch: WithTemplate keeps each one's slice.
     batches = pipeline.tpl_dataset(cache.images_path, pseudo, seed=config.seed,
                                    batch_size=t.batch_size, indices=rows,
