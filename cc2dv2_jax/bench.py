@@ -10,8 +10,9 @@ Sections (`--sections`, default all):
   ssl_step   the SSL train step (image + patch through the encoder, loss, Adam) at ssl.batch_size
   tpl_step   the TPL train step at tpl.batch_size + 1 (the template rides along) x size_hw
   tpl_naive  the same TPL network and loss "written naively": float32, no jit (every primitive
-             dispatched on its own, as PyTorch eager runs), no fusion, the 3L full-resolution targets
-             built on the host and copied to the device every step (as the reference's loader does)
+             dispatched on its own, as PyTorch eager runs), no fusion, the 3L full-resolution
+             targets built on the host and copied to the device every step (as the reference's
+             loader does)
   ssl_infer  SSL template matching per image (encoder + 5 cosine maps + product + argmax)
   tpl_infer  TPL voting inference per image (network + sigmoid + voting), and the voting alone
   pipeline   the host SSL augmentation pipeline alone, samples/s at each --workers count, and the
@@ -74,15 +75,21 @@ def _timing(times_s, prefix="ms"):
           f"{prefix}_n": len(times_s)}
 
 
-def time_calls(fn, warmup, iters):
-  """Seconds of `iters` synchronised calls of `fn` after `warmup` calls (fn returns arrays)."""
+def time_calls(fn, warmup, iters, keep_last=None):
+  """Seconds of `iters` synchronised calls of `fn` after `warmup` calls (fn returns arrays).
+
+  keep_last: a list that receives the last call's result.
+  """
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
+  out = None
   for _ in range(max(1, iters)):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn())
+    out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
+  if keep_last is not None:
+    keep_last.append(out)
   return times
 
 
@@ -377,9 +384,10 @@ def bench_tpl_naive(config, mesh, warmup, iters, ctx):
     holder["params"] = optax.apply_updates(holder["params"], updates)
     return loss, holder["params"]
 
+  last = []
   with jax.disable_jit():
-    times = time_calls(one, warmup, iters)
-    loss = float(jax.device_get(one()[0]))
+    times = time_calls(one, warmup, iters, keep_last=last)
+  loss = float(jax.device_get(last[0][0]))
   out = {"batch": int(image.shape[0]), "image_hw": list(size_hw), "dtype": "float32",
          "what": "eager (jax.disable_jit), float32, host targets copied each step",
          **_timing(times), "loss_finite": bool(np.isfinite(loss)),
@@ -418,7 +426,8 @@ def bench_ssl_infer(config, mesh, warmup, iters, infer_batch, ctx):
                                  imagenet_norm=config.model.imagenet_norm, batch_size=b, mesh=mesh)
   setup_s = time.perf_counter() - t0
   x = sharding.put_batch(images, mesh)
-  lowered, compiled, trace_s, compile_s = _lower_compile(pred._predict, pred.variables,  # pylint: disable=protected-access
+  predict = pred._predict  # pylint: disable=protected-access
+  lowered, compiled, trace_s, compile_s = _lower_compile(predict, pred.variables,
                                                          pred.template_feats, x)
   times = time_calls(lambda: compiled(pred.variables, pred.template_feats, x), warmup, iters)
   e2e = _end_to_end(pred, images, warmup=1, iters=max(2, iters // 2))
@@ -462,7 +471,8 @@ def bench_tpl_infer(config, mesh, warmup, iters, infer_batch, ctx):
                                  imagenet_norm=config.model.imagenet_norm, batch_size=b,
                                  mesh=mesh)
   x = sharding.put_batch(images, mesh)
-  lowered, compiled, trace_s, compile_s = _lower_compile(pred._predict, pred.variables, x)  # pylint: disable=protected-access
+  predict = pred._predict  # pylint: disable=protected-access
+  lowered, compiled, trace_s, compile_s = _lower_compile(predict, pred.variables, x)
   times = time_calls(lambda: compiled(pred.variables, x), warmup, iters)
   e2e = _end_to_end(pred, images, warmup=1, iters=max(2, iters // 2))
   flops, source = _flops(lowered, compiled)
@@ -647,7 +657,8 @@ def bench_compile(config, in_process_cold=None, cache_dir=None, timeout_s=1800):
 # ------------------------------------------------------------------------------- profile
 
 
-_HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*.*?\s(?P<op>[a-z][a-z0-9\-]*)\(")
+_HLO_LINE = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*.*?\s(?P<op>[a-z][a-z0-9\-]*)\(")
 
 
 def hlo_index(hlo_text):

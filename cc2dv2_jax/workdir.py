@@ -9,6 +9,9 @@ import json
 import os
 import pathlib
 import shutil
+import socket
+
+import jax
 
 from absl import logging
 
@@ -17,7 +20,7 @@ from cc2dv2_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 # Settings that change how a run is executed or reported, not what it computes.
-_IGNORED = ("stage", "compile_cache", "distributed", "data.num_workers", "data.cache_dir",
+_IGNORED = ("ssl.per_device_batch_size", "tpl.per_device_batch_size", "stage", "compile_cache", "distributed", "data.num_workers", "data.cache_dir",
             "predict", "ssl.log_every", "ssl.ckpt_every", "ssl.keep_checkpoints", "ssl.max_seconds",
             "ssl.infer_batch_size", "tpl.log_every", "tpl.ckpt_every", "tpl.keep_checkpoints",
             "tpl.max_seconds", "tpl.infer_batch_size", "eval.overlays")
@@ -50,7 +53,7 @@ def _check_writable(workdir):
     if workdir.exists() and not workdir.is_dir():
       raise NotADirectoryError(f"{workdir} is a file")
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_test_{os.getpid()}"
+    probe = workdir / f".write_test_{socket.gethostname()}_{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
@@ -126,8 +129,9 @@ def clear_other_run(workdir, config):
 
 
 def record(workdir, config):
-  """Writes config.json: from now on the workdir belongs to this config."""
-  utils.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE, config_json(config))
+  """Writes config.json: from now on the workdir belongs to this config (process 0 writes it)."""
+  if jax.process_index() == 0:
+    utils.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE, config_json(config))
 
 
 def prepare(workdir, config, overwrite=False):

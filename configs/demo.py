@@ -47,6 +47,6 @@ def get_config(arg=None):
     c.data.phantoms.num_train = 12
     c.data.phantoms.num_test1 = 4
     c.data.phantoms.num_test2 = 4
-    c.ssl.num_steps = 120
-    c.tpl.num_steps = 120
+    c.ssl.num_steps = 80
+    c.tpl.num_steps = 100
   return c

@@ -10,10 +10,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from cc2dv2_jax.data import bmple
 from cc2dv2_jax.data import cache
-from cc2dv2_jax.data import custom
-from cc2dv2_jax.data import isbi
+from cc2dv2_jax.data import dataset
 from cc2dv2_jax.errors import DataError
 
 FLAGS = flags.FLAGS
@@ -25,28 +23,6 @@ flags.DEFINE_string("template_id", None, "Template image id (default: the datase
 flags.DEFINE_string("name", None, "Dataset name stored in the cache (default: the dataset's own).")
 flags.DEFINE_integer("workers", 2, "Decode/resize threads.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing cache.")
-
-
-def detect_format(root):
-  """'custom' (landmarks.csv), 'isbi' (RawImage/) or 'bmple' (train/*_meta.json)."""
-  if not os.path.isdir(root):
-    raise DataError(root, "dataset root not found")
-  if custom.looks_like_custom(root):
-    return "custom"
-  if isbi.looks_like_isbi(root):
-    return "isbi"
-  if bmple.looks_like_bmple(root):
-    return "bmple"
-  raise DataError(root, "cannot tell the dataset layout (no landmarks.csv, RawImage/ or "
-                  "train/*_meta.json); pass --format")
-
-
-def read_dataset(root, fmt="auto"):
-  """A landmarks.RecordSet from a dataset root in any supported layout."""
-  if fmt == "auto":
-    fmt = detect_format(root)
-  reader = {"isbi": isbi.read_isbi, "custom": custom.read_custom, "bmple": bmple.read_bmple}[fmt]
-  return reader(root)
 
 
 def parse_size(values):
@@ -63,7 +39,7 @@ def parse_size(values):
 def main(argv):
   del argv
   size_hw = parse_size(FLAGS.size)
-  rs = read_dataset(FLAGS.root, FLAGS.format)
+  rs = dataset.read_dataset(FLAGS.root, FLAGS.format)
   counts = {s: len(rs.split_ids(s)) for s in ("train", "test1", "test2", "test")}
   logging.info("read %s from %s: %d images (%s), %d landmarks, annotators %s", rs.name, FLAGS.root,
                len(rs.records), ", ".join(f"{k} {v}" for k, v in counts.items() if v),

@@ -103,7 +103,7 @@ def test_images_csv_splits_spacing_frame(tmp_path):
 def test_write_custom_any_landmarks_and_dicom(tmp_path):
   pydicom = pytest.importorskip("pydicom")
   del pydicom
-  from test_data_images import _write_dicom  # pylint: disable=g-import-not-at-top
+  from tests.test_data_images import _write_dicom  # pylint: disable=g-import-not-at-top
   d = tmp_path / "dcm"
   d.mkdir()
   p = _write_dicom(d / "x.dcm", np.arange(12 * 9).reshape(12, 9), PixelSpacing=[0.5, 0.25])

@@ -12,6 +12,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,6 +30,7 @@ from cc2dv2_jax.training import sharding
 from cc2dv2_jax.training import ssl
 from cc2dv2_jax.training import tpl
 from tests.helpers import tiny_config
+from tests.test_data_images import _write_dicom
 
 DICOM_SPACING_YX = (0.2, 0.1)
 
@@ -64,7 +66,7 @@ def make_workdir(path, config, *, with_tpl=True, seed=0):
   workdir_lib.prepare(path, config)
   cache = dataset.ensure_cache(config, path)
   size_hw = tuple(cache.size_hw)
-  v = random_variables(lambda: ssl.init_variables(config, jax.random.key(0), size_hw), seed)
+  v = random_variables(lambda: jax.tree.map(jnp.asarray, ssl.init_variables(config, 0, size_hw)), seed)
   checkpoint.export(ssl.export_dir(path), {"params": v["params"]["net"],
                                            "batch_stats": v["batch_stats"]["net"]},
                     {"stage": "ssl", "steps": 0})
@@ -75,34 +77,8 @@ def make_workdir(path, config, *, with_tpl=True, seed=0):
 
 def add_tpl_export(path, config, seed=1):
   size_hw = tuple(config.data.size_hw)
-  v = random_variables(lambda: tpl.init_variables(config, jax.random.key(0), size_hw), seed)
+  v = random_variables(lambda: jax.tree.map(jnp.asarray, tpl.init_variables(config, 0, size_hw)), seed)
   checkpoint.export(tpl.export_dir(path), {"params": v["params"]}, {"stage": "tpl", "steps": 0})
-
-
-def _write_dicom(path, arr, **elements):
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = meta.MediaStorageSOPClassUID
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.Modality = "DX"
-  ds.Rows, ds.Columns = arr.shape
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = "MONOCHROME2"
-  ds.BitsAllocated = 16
-  ds.BitsStored = 16
-  ds.HighBit = 15
-  ds.PixelRepresentation = 0
-  ds.PixelData = arr.astype(np.uint16).tobytes()
-  for k, v in elements.items():
-    setattr(ds, k, v)
-  ds.save_as(path, enforce_file_format=True)
-  return path
 
 
 def make_inputs(folder, workdir):

@@ -39,35 +39,29 @@ def _one_step(config, cache, devices, tx=None):
 def test_four_devices_equal_one(cache_and_config):
   """One step with the global batch 8 split over 4 devices equals the step on 1 device.
 
-  With plain SGD at the reference lr the parameter change is lr times the gradient (whose norm is
-  ~1e3 here, so float32 summation order alone moves single entries by ~1e-4). With Adam, parameters whose gradient is mathematically zero (conv biases
-  in front of a BatchNorm) get lr * sign(rounding noise) on the first step, so there the two runs
-  may differ by up to 2 lr; every parameter with a real gradient must agree to 1e-5.
+  The step uses SGD at the reference lr, so the parameter change is lr times the gradient:
+  parameters to 1e-5 mean gradients to 1e-2 (the gradient norm is ~1e3 here, where float32
+  summation order alone moves single entries by ~1e-4). Adam would turn the rounding noise of
+  gradients that are mathematically zero (conv biases in front of a BatchNorm) into +-lr on the
+  first step; tests/test_multihost.py checks the Adam run with that bound.
   """
   cache, config = cache_and_config
   assert len(jax.devices()) == 4
-  lr = config.ssl.lr
-  sgd = optax.sgd(lr)
+  sgd = optax.sgd(config.ssl.lr)
   s1, m1 = _one_step(config, cache, jax.devices()[:1], sgd)
   s4, m4 = _one_step(config, cache, jax.devices(), sgd)
   np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+  init = ssl.init_variables(config, config.seed, tuple(cache.size_hw))["params"]
+  moved = 0.0
+  for p0, a, b in zip(jax.tree.leaves(init), jax.tree.leaves(s1.params),
+                      jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    moved = max(moved, float(np.max(np.abs(np.asarray(a) - np.asarray(p0)))))
+  assert moved > 1e-3  # the step did change the parameters
   # BatchNorm running statistics come from the global batch (sync-BN), not per device.
   for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s4.batch_stats)):
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
   assert np.isfinite(m1["loss"]) and m1["grad_norm"] > 1.0
-
-  init = jax.device_get(ssl.create_state(config, sgd, sharding.make_mesh(), tuple(cache.size_hw)))
-  grads = jax.tree.map(lambda p0, p1: (p0 - p1) / lr, init.params, s1.params)
-  a1, am1 = _one_step(config, cache, jax.devices()[:1])
-  a4, am4 = _one_step(config, cache, jax.devices())
-  np.testing.assert_allclose(am4["loss"], am1["loss"], rtol=1e-5)
-  for g, a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(a1.params),
-                     jax.tree.leaves(a4.params)):
-    real = np.abs(g) > 1e-2
-    np.testing.assert_allclose(b[real], a[real], atol=1e-5, rtol=1e-5)
-    assert np.all(np.abs(b - a) <= 2 * lr + 1e-6)
 
 
 def test_batch_must_divide_devices(cache_and_config):

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -230,7 +231,7 @@ def load_cache(path, mmap=True):
     images = np.load(os.path.join(path, "images.npy"), mmap_mode="r" if mmap else None)
     with np.load(os.path.join(path, "arrays.npz")) as z:
       arrays = {k: z[k] for k in z.files}
-  except (ValueError, OSError, EOFError) as e:
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(path, f"cannot read cache arrays ({e})") from None
   validate(images, meta, arrays, path)
   return Cache(images=images, ids=[str(i) for i in meta["ids"]], splits=list(meta["splits"]),

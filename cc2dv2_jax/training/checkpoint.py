@@ -120,11 +120,21 @@ def export_info(directory):
 
 
 def restore_export(directory, variables_like=None):
-  """Restores exported variables; `variables_like` (arrays or ShapeDtypeStructs) fixes placement."""
+  """Restores exported variables, replicated over this process's devices.
+
+  The placement saved with an export belongs to the machine that trained it (e.g. 8 GPUs or two
+  hosts); restoring onto it elsewhere fails, so the target is always the current devices.
+  `variables_like` (arrays or ShapeDtypeStructs) overrides shapes and placement.
+  """
   directory = pathlib.Path(directory).absolute()
   if export_info(directory) is None:
     raise FileNotFoundError(f"{directory}: no complete export (missing {EXPORT_DONE})")
   ckptr = ocp.StandardCheckpointer()
-  if variables_like is None:
-    return ckptr.restore(directory / "variables")
-  return ckptr.restore(directory / "variables", _abstract(variables_like))
+  if variables_like is not None:
+    return ckptr.restore(directory / "variables", _abstract(variables_like))
+  mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
+  here = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tree = ckptr.metadata(directory / "variables").item_metadata.tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+  return ckptr.restore(directory / "variables", target)

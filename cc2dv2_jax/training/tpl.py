@@ -53,8 +53,8 @@ def init_variables(config, seed, size_hw, workdir=None):
     # RetinaNet-style prior: start the heatmaps at sigmoid = heat_prior instead of 0.5, so the
     # focal loss is not spent for hundreds of steps pushing the background down.
     n = config.data.num_landmarks
-    bias = np.array(params["final"]["bias"])
-    bias[:n] = -np.log((1.0 - config.tpl.heat_prior) / config.tpl.heat_prior)
+    prior = -np.log((1.0 - config.tpl.heat_prior) / config.tpl.heat_prior)
+    bias = jnp.asarray(params["final"]["bias"]).at[:n].set(prior)
     params["final"] = {**params["final"], "bias": bias}
   if config.tpl.init_from_ssl and workdir is not None:
     ssl_vars = checkpoint.restore_export(ssl.export_dir(workdir))

@@ -1,0 +1,170 @@
+"""The benchmark CLI at tiny size on a CPU, and the device-prefetch wrapper.
+
+The bench runs as its own process (as users run it): it then owns its persistent compilation
+cache (its SSL-step compile is the cold one, a second process the warm one) and can use a
+single CPU device with XLA's backend optimisation off, which roughly halves the compile time
+that dominates this test. Timings at this size mean nothing; the test checks that every section
+runs and reports sane, positive numbers.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cc2dv2_jax import bench
+from cc2dv2_jax.losses import tpl_loss
+from cc2dv2_jax.training import prefetch
+from cc2dv2_jax.training import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+TINY = ["--config=configs/demo.py:test", "--config.model.width=0.125",
+        "--config.model.embed_dim=16", "--config.data.size_hw=(64,64)",
+        "--config.ssl.patch_size=32", "--config.ssl.batch_size=4", "--config.tpl.batch_size=3",
+        "--warmup=1", "--iters=3", "--naive_iters=1", "--workers=0,1",
+        "--pipeline_seconds=0.5"]
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and np.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("bench")
+  out = tmp / "bench.json"
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  cmd = [sys.executable, "-m", "cc2dv2_jax.bench", *TINY, f"--out={out}",
+         f"--profile_dir={tmp / 'trace'}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:] + proc.stdout[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_every_section_reports_positive_numbers(tiny_results):
+  r, stdout = tiny_results
+  for name in bench.ALL_SECTIONS + ("env", "profile"):
+    assert name in r, name
+    assert "error" not in r[name], (name, r[name].get("error"))
+  for name in ("ssl_step", "tpl_step"):
+    s = r[name]
+    for k in ("ms_median", "ms_pipelined", "compile_s", "trace_s", "flops", "tflops",
+              "peak_bytes"):
+      assert _positive(s[k]), (name, k, s[k])
+    assert s["loss_finite"] and s["ms_p10"] <= s["ms_median"] <= s["ms_p90"]
+  # Two images + two patches of 64/32 px through a width-1/8 net: a sane FLOP count.
+  assert 1e7 < r["ssl_step"]["flops"] < 1e11
+  assert _positive(r["tpl_naive"]["ms_median"]) and r["tpl_naive"]["loss_finite"]
+  assert _positive(r["tpl_naive"]["speedup_of_tpl_step"])
+  for name in ("ssl_infer", "tpl_infer"):
+    for k in ("per_image_ms", "end_to_end_per_image_ms", "compile_s", "flops", "peak_bytes"):
+      assert _positive(r[name][k]), (name, k, r[name][k])
+  assert _positive(r["tpl_infer"]["vote_only_per_image_ms"])
+  rows = r["pipeline"]["rows"]
+  assert [row["workers"] for row in rows] == [0, 1]
+  assert all(_positive(row["samples_per_s"]) and _positive(row["ratio_to_demand"]) for row in rows)
+  assert _positive(r["pipeline"]["step_demand_samples_per_s"])
+  # The table is printed and names every section.
+  for label in ("SSL train step", "TPL train step", "naive", "SSL inference",
+                "voting inference", "input pipeline", "compile"):
+    assert label in stdout, label
+
+
+def test_compile_cache_cold_then_warm(tiny_results):
+  c = tiny_results[0]["compile"]
+  assert c["cold"]["where"].startswith("this process")  # the CLI's own first compile
+  assert _positive(c["cold"]["compile_s"]) and _positive(c["warm"]["total_s"])
+  # The warm process found the SSL step in the cache the cold compile wrote.
+  assert c["warm"]["cache_hits"] >= 1 and c["warm"]["cache_misses"] == 0
+  assert c["cache_files"] >= 1
+
+
+def test_profile_summary(tiny_results):
+  p = tiny_results[0]["profile"]
+  assert os.path.exists(p["xplane"])
+  assert _positive(p["busy_ms_per_step"]) and p["top_ops"]
+  assert "convolution" in p["by_kind_ms"]
+  # Time is attributed to model parts through the ops' JAX name stack.
+  assert any(k.startswith(("fwd/vgg", "bwd/vgg")) for k in p["by_part_ms"])
+
+
+def test_host_targets_equal_device_targets():
+  rng = np.random.default_rng(0)
+  lm = rng.integers(0, 40, (2, 3, 2)).astype(np.int32)
+  mask, off_y, off_x = bench.host_tpl_targets(lm, (40, 36), 5)
+  for b in range(2):
+    ref = tpl_loss.make_targets(lm[b], (40, 36), 5)
+    for got, want in zip((mask[b], off_y[b], off_x[b]), ref):
+      np.testing.assert_allclose(got, np.asarray(want), atol=1e-6)
+  assert mask.sum() > 0
+
+
+def test_table_shows_errors():
+  text = bench.format_table({"env": {}, "ssl_step": {"error": "RuntimeError: boom"}})
+  assert "ERROR" in text and "boom" in text
+  assert bench.has_errors({"ssl_step": {"error": "x"}})
+  assert not bench.has_errors({"env": {}})
+
+
+def test_categorize_and_parts():
+  hlo = ('  %fusion.3 = f32[2,4]{1,0} fusion(f32[2,4]{1,0} %p), kind=kLoop, calls=%fc, '
+         'metadata={op_name="jit(step)/transpose(jvp(SSLNet))/vgg/features_7/mul"}\n'
+         '  %custom-call.1 = (f32[1,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), '
+         'custom_call_target="__cudnn$convForward", '
+         'metadata={op_name="jit(step)/jvp(SSLNet)/up1/conv/double_conv_0/conv_general_dilated"}')
+  index = bench.hlo_index(hlo)
+  assert bench.categorize("custom-call.1", index) == "convolution"
+  assert bench.module_of("custom-call.1", index) == ("fwd", "up1")
+  assert bench.module_of("fusion.3", index) == ("bwd", "vgg")
+  assert bench.categorize("fusion.3", index) == "elementwise/other"
+
+
+class _Counter:
+  """A checkpointable host iterator of numbered batches (like a grain iterator)."""
+
+  def __init__(self, n, batch=4):
+    self.k, self.n, self.b = 0, n, batch
+
+  def __next__(self):
+    if self.k >= self.n:
+      raise StopIteration
+    self.k += 1
+    v = np.full((self.b, 2), self.k, np.float32)
+    return {"x": v, "index": np.arange(self.b, dtype=np.int32) + 100 * self.k}
+
+  def get_state(self):
+    return {"k": self.k}
+
+  def set_state(self, s):
+    self.k = s["k"]
+
+
+def test_device_prefetch_order_placement_and_resume():
+  mesh = sharding.make_mesh()
+  it = prefetch.device_prefetch(_Counter(6), mesh, size=2)
+  first = next(it)
+  assert isinstance(first["x"], jax.Array) and isinstance(first["index"], np.ndarray)
+  assert first["x"].sharding == sharding.data_sharded(mesh)
+  np.testing.assert_array_equal(np.asarray(first["x"]), 1.0)
+  # Two batches are already read ahead, but the state is that of the consumed one.
+  assert it._it.k == 3  # pylint: disable=protected-access
+  assert it.get_state() == {"k": 1}
+  second = next(it)
+  np.testing.assert_array_equal(second["index"], np.arange(4) + 200)
+  saved = it.get_state()
+  rest = [int(np.asarray(b["x"])[0, 0]) for b in it]
+  assert rest == [3, 4, 5, 6]
+  resumed = prefetch.device_prefetch(_Counter(6), mesh, size=2)
+  resumed.set_state(saved)
+  assert [int(np.asarray(b["x"])[0, 0]) for b in resumed] == [3, 4, 5, 6]
+  with pytest.raises(ValueError):
+    prefetch.device_prefetch(_Counter(1), mesh, size=0)
