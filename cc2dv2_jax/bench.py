@@ -679,7 +679,9 @@ def categorize(hlo_op, index):
   """A coarse kind of work for an executed HLO op name."""
   op, target, _ = index.get(hlo_op, ("", "", ""))
   text = f"{hlo_op} {op} {target}".lower()
-  for key, cat in (("conv", "convolution"), ("gemm", "matmul"), ("dot", "matmul"),
+  if re.search(r"conv(?!ert)", text):  # convolution, conv_general_dilated, cudnn$conv..., not convert
+    return "convolution"
+  for key, cat in ( ("gemm", "matmul"), ("dot", "matmul"),
                    ("matmul", "matmul"), ("cublas", "matmul"), ("scatter", "scatter"),
                    ("gather", "gather"), ("sort", "sort/top-k"), ("topk", "sort/top-k"),
                    ("top-k", "sort/top-k"), ("reduce", "reduction"), ("transpose", "copy/layout"),
@@ -693,7 +695,7 @@ def module_of(hlo_op, index):
   """('fwd'|'bwd', model part) from the op's JAX name stack, e.g. ('bwd', 'vgg')."""
   _, _, op_name = index.get(hlo_op, ("", "", ""))
   if not op_name:
-    return "?", "?"
+    return "?", "unattributed"
   phase = "bwd" if "transpose(" in op_name else "fwd"
   parts = [p for p in op_name.split("/") if p]
   # jit(step)/transpose(jvp(SSLNet))/vgg/features_7/conv -> the part after the model name.
