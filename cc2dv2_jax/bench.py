@@ -3,8 +3,10 @@ r"""Benchmarks: train steps, inference, input pipeline, compilation; JSON plus a
   python -m cc2dv2_jax.bench --config=configs/ceph.py --out=bench_fp32.json
   python -m cc2dv2_jax.bench --config=configs/ceph.py --config.model.dtype=bfloat16 \
       --infer_batch=32 --workers=0,1,2,4,8,16 --profile_dir=/tmp/trace --out=bench_bf16.json
-  python -m cc2dv2_jax.bench --config=configs/ceph.py:tiny --config.data.size_hw=64,64 \
-      --config.ssl.patch_size=32 --iters=5 --out=/tmp/tiny.json          # CPU smoke run
+  python -m cc2dv2_jax.bench --config=configs/demo.py:test --config.model.width=0.125 \
+      --config.data.size_hw="(64,64)" --config.ssl.patch_size=32 --config.ssl.batch_size=4 \
+      --iters=5 --workers=0,1 --out=/tmp/tiny.json                       # CPU smoke run
+  launch/gpu_check.sh runs the full-size set on a lent GPU (see its header).
 
 Sections (`--sections`, default all):
   ssl_step   the SSL train step (image + patch through the encoder, loss, Adam) at ssl.batch_size
@@ -17,15 +19,21 @@ Sections (`--sections`, default all):
   tpl_infer  TPL voting inference per image (network + sigmoid + voting), and the voting alone
   pipeline   the host SSL augmentation pipeline alone, samples/s at each --workers count, and the
              ratio to what the SSL step consumes
-  compile    cold and warm compile time of the SSL step through the persistent compilation cache,
-             each in a fresh process (cold: empty cache directory; warm: the one cold filled)
+  compile    cold and warm compile time of the SSL step through the persistent compilation cache:
+             cold = this process's own first compile when its cache directory started empty (the
+             CLI default, `--compile_cache_dir=''`: a new temporary directory), else a fresh
+             process on an empty directory; warm = a fresh process on the directory cold filled
+             (trace + lower + cache load; `cache_hits` says the load happened)
+  --profile_dir=DIR also traces 5 SSL steps with jax.profiler and summarises where the time went
+             (per HLO op, per kind of work, per model part and forward/backward) under "profile".
 
 Timing: every figure is the median of `--iters` calls after `--warmup` calls, each call waited for
 (`block_until_ready`). The train steps also get a pipelined figure (`--iters` steps dispatched back
 to back, one wait at the end), which is what the training loop sees. FLOPs come from XLA's cost
 analysis of the compiled program (`flops_source` says which); TFLOP/s = FLOPs / median time.
 Memory: `compiled_bytes` is the compiled program's arguments + outputs + temporaries (any backend);
-`device_peak_bytes` is the allocator's peak since the process started (GPU/TPU only).
+`device_peak_bytes` is the allocator's peak since the process started (GPU/TPU only), so it is the
+section's own only for the first section run (ssl_step) and a running maximum after that.
 
 A section that fails records {"error": ...} and the others still run; the exit status is then 1.
 """
@@ -679,9 +687,10 @@ def categorize(hlo_op, index):
   """A coarse kind of work for an executed HLO op name."""
   op, target, _ = index.get(hlo_op, ("", "", ""))
   text = f"{hlo_op} {op} {target}".lower()
-  if re.search(r"conv(?!ert)", text):  # convolution, conv_general_dilated, cudnn$conv..., not convert
+  # convolution, conv_general_dilated, __cudnn$conv...; not "convert".
+  if re.search(r"conv(?!ert)", text):
     return "convolution"
-  for key, cat in ( ("gemm", "matmul"), ("dot", "matmul"),
+  for key, cat in (("gemm", "matmul"), ("dot", "matmul"),
                    ("matmul", "matmul"), ("cublas", "matmul"), ("scatter", "scatter"),
                    ("gather", "gather"), ("sort", "sort/top-k"), ("topk", "sort/top-k"),
                    ("top-k", "sort/top-k"), ("reduce", "reduction"), ("transpose", "copy/layout"),
@@ -774,6 +783,13 @@ def profile_ssl_step(ctx, profile_dir, steps=5):
 # ------------------------------------------------------------------------------- driver
 
 
+def _jax_option(name):
+  try:
+    return getattr(jax.config, name)
+  except AttributeError:
+    return None
+
+
 def environment(config):
   d = jax.local_devices()[0]
   return {
@@ -783,18 +799,20 @@ def environment(config):
       "python": sys.version.split()[0], "dtype": config.model.dtype,
       "width": config.model.width, "size_hw": list(config.data.size_hw),
       "num_landmarks": config.data.num_landmarks,
-      "matmul_precision": str(jax.config.jax_default_matmul_precision),
-      "persistent_cache_dir": jax.config.jax_compilation_cache_dir,
+      "matmul_precision": str(_jax_option("jax_default_matmul_precision")),
+      "persistent_cache_dir": _jax_option("jax_compilation_cache_dir"),
   }
 
 
 def run(config, *, sections=ALL_SECTIONS, warmup=3, iters=20, infer_batch=0, workers=None,
         pipeline_seconds=3.0, pipeline_min_batches=10, naive_iters=None, profile_dir="",
-        fresh_cache_dir=None):
+        fresh_cache_dir=None, on_section=None):
   """Runs the requested sections; returns the results dict (see the module docstring).
 
   fresh_cache_dir: the persistent cache directory this process was pointed at while empty
     (`use_persistent_cache`); its first SSL-step compile is then the cold compile.
+  on_section: called with the results so far after every section (the CLI writes them, so a
+    run stopped by a time limit still leaves what it measured).
   """
   unknown = set(sections) - set(ALL_SECTIONS)
   if unknown:
@@ -818,6 +836,8 @@ def run(config, *, sections=ALL_SECTIONS, warmup=3, iters=20, infer_batch=0, wor
     print(f"[bench] {name}: {res['section_s']:.1f}s" + (" ERROR " + res["error"]
                                                          if "error" in res else ""),
           file=sys.stderr, flush=True)
+    if on_section is not None:
+      on_section(results)
 
   misses0 = _cache_counts["cache_misses"]
   attempt("ssl_step", lambda: bench_ssl_step(config, mesh, warmup, iters, ctx))
@@ -985,7 +1005,8 @@ def _run_flags(flags_, workers, fresh_cache_dir):
   return run(flags_.config, sections=tuple(flags_.sections), warmup=flags_.warmup,
              iters=flags_.iters, infer_batch=flags_.infer_batch, workers=workers,
              pipeline_seconds=flags_.pipeline_seconds, naive_iters=flags_.naive_iters,
-             profile_dir=flags_.profile_dir, fresh_cache_dir=fresh_cache_dir)
+             profile_dir=flags_.profile_dir, fresh_cache_dir=fresh_cache_dir,
+             on_section=lambda r: write_results(r, flags_.out))
 
 
 _FLAGS = None

@@ -23,7 +23,9 @@ from cc2dv2_jax.training import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-TINY = ["--config=configs/demo.py:test", "--config.model.width=0.125",
+# No RFB blocks (built from the same Conv + BatchNorm layers as the decoder): a third less to
+# compile in the SSL step, which with the naive step's per-primitive compiles is this test's cost.
+TINY = ["--config=configs/demo.py:test", "--config.model.width=0.125", "--config.model.rfb=False",
         "--config.model.embed_dim=16", "--config.data.size_hw=(64,64)",
         "--config.ssl.patch_size=32", "--config.ssl.batch_size=4", "--config.tpl.batch_size=3",
         "--warmup=1", "--iters=3", "--naive_iters=1", "--workers=0,1",
@@ -95,6 +97,7 @@ def test_profile_summary(tiny_results):
   assert "convolution" in p["by_kind_ms"]
   # Time is attributed to model parts through the ops' JAX name stack.
   assert any(k.startswith(("fwd/vgg", "bwd/vgg")) for k in p["by_part_ms"])
+  assert not any("non_local" in k for k in p["by_part_ms"])  # the config reached the model
 
 
 def test_host_targets_equal_device_targets():
@@ -168,3 +171,17 @@ def test_device_prefetch_order_placement_and_resume():
   assert [int(np.asarray(b["x"])[0, 0]) for b in resumed] == [3, 4, 5, 6]
   with pytest.raises(ValueError):
     prefetch.device_prefetch(_Counter(1), mesh, size=0)
+
+
+def test_ceph_fast_compresses_the_schedule_to_the_budget():
+  from configs import ceph_fast  # pylint: disable=g-import-not-at-top
+  c = ceph_fast.get_config("root=/data/isbi,ssl_minutes=8,ssl_step_ms=25,tpl_minutes=4,"
+                           "tpl_step_ms=20,batch=16")
+  assert c.data.root == "/data/isbi" and c.model.dtype == "bfloat16" and c.ssl.batch_size == 16
+  assert c.ssl.max_seconds == 480.0 and c.tpl.max_seconds == 240.0
+  assert c.ssl.num_steps == int(0.92 * 480e3 / 25) and c.tpl.num_steps == int(0.92 * 240e3 / 20)
+  # The steps fit in the budget at the measured step time, with the margin left over.
+  assert c.ssl.num_steps * 25e-3 <= 0.93 * c.ssl.max_seconds
+  assert c.ssl.lr == pytest.approx(1e-3 * np.sqrt(2.0))
+  with pytest.raises(ValueError):
+    ceph_fast.steps_for(8, 0)
