@@ -108,7 +108,7 @@ def get_config():
   c.distributed = dict(enabled="auto", coordinator="", num_processes=1, process_id=0,
                        local_device_ids="", initialization_timeout=300)
 
-  c.compile_cache = True  # persistent XLA compilation cache under <workdir>/../.jax_cache or $CC2D_JAX_CACHE
+  c.compile_cache = True  # persistent XLA compilation cache in <workdir>/.jax_cache or $CC2D_JAX_CACHE
   return c
 
 
