@@ -13,7 +13,7 @@
 #       grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml-collections==1.1.0
 #   (4.4 MB; their other needs, absl-py, etils, protobuf, cloudpickle, psutil, PyYAML, are in the
 #   image.) For the ISBI modes also carry the dataset (38 MB, JPEG copy; ignored folder):
-#     mkdir -p .devcache && cp -r ../shared/data/isbi2015 .devcache/
+#     mkdir -p .devcache && cp -r "$CC2D_ISBI_ROOT" .devcache/isbi2015   (your local ISBI 2015 copy)
 #   or a prepared cache folder (data/cache.py format) as .devcache/isbi_cache (then it is used
 #   as data.cache_dir and nothing is re-read).
 #
