@@ -230,6 +230,25 @@ def abstract_ssl_inputs(config, mesh):
   return step, state, batch, jax.random.key(0)
 
 
+def _time_train_step(lowered, compiled, state, batch, rng, warmup, iters):
+  """Times a compiled (state, batch, rng) step that donates its state: the SSL and TPL benches.
+
+  Returns (holder with the latest state, per-call times, pipelined s/step, last loss, flops,
+  flops source).
+  """
+  holder = {"state": state}
+
+  def one():
+    holder["state"], m = compiled(holder["state"], batch, rng)
+    return m["loss"]
+
+  times = time_calls(one, warmup, iters)
+  pipelined = _pipelined(compiled, holder, batch, rng, iters)
+  loss = float(jax.device_get(one()))
+  flops, source = _flops(lowered, compiled)
+  return holder, times, pipelined, loss, flops, source
+
+
 def bench_ssl_step(config, mesh, warmup, iters, ctx):
   from cc2dv2_jax.training import ssl  # pylint: disable=g-import-not-at-top
   s = config.ssl
@@ -245,16 +264,8 @@ def bench_ssl_step(config, mesh, warmup, iters, ctx):
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   batch = sharding.put_batch(_ssl_host_batch(config), mesh)
-  holder = {"state": state}
-
-  def one():
-    holder["state"], m = compiled(holder["state"], batch, rng)
-    return m["loss"]
-
-  times = time_calls(one, warmup, iters)
-  pipelined = _pipelined(compiled, holder, batch, rng, iters)
-  loss = float(jax.device_get(one()))
-  flops, source = _flops(lowered, compiled)
+  holder, times, pipelined, loss, flops, source = _time_train_step(
+      lowered, compiled, state, batch, rng, warmup, iters)
   out = {"batch": s.batch_size, "image_hw": list(size_hw), "patch": s.patch_size,
          "dtype": config.model.dtype, "init_s": init_s, "trace_s": trace_s,
          "compile_s": compile_s, **_timing(times), "ms_pipelined": 1e3 * pipelined,
@@ -312,16 +323,8 @@ def bench_tpl_step(config, mesh, warmup, iters, ctx):
   rng = jax.random.key(0)
   jstep = jax.jit(tpl.make_train_step(config, tx, size_hw), donate_argnums=0)
   lowered, compiled, trace_s, compile_s = _lower_compile(jstep, state, batch, rng)
-  holder = {"state": state}
-
-  def one():
-    holder["state"], m = compiled(holder["state"], batch, rng)
-    return m["loss"]
-
-  times = time_calls(one, warmup, iters)
-  pipelined = _pipelined(compiled, holder, batch, rng, iters)
-  loss = float(jax.device_get(one()))
-  flops, source = _flops(lowered, compiled)
+  holder, times, pipelined, loss, flops, source = _time_train_step(
+      lowered, compiled, state, batch, rng, warmup, iters)
   ctx["tpl_state"] = holder["state"]
   return {"batch": b, "image_hw": list(size_hw), "num_landmarks": config.data.num_landmarks,
           "dtype": config.model.dtype, "init_s": init_s, "trace_s": trace_s,
