@@ -9,7 +9,9 @@ r"""Benchmarks: train steps, inference, input pipeline, compilation; JSON plus a
   launch/gpu_check.sh runs the full-size set on a lent GPU (see its header).
 
 Sections (`--sections`, default all):
-  ssl_step   the SSL train step (image + patch through the encoder, loss, Adam) at ssl.batch_size
+  ssl_step   the SSL train step (image + patch through the encoder, loss, Adam) at ssl.batch_size;
+             with --config.ssl.augment=device the step also draws its samples from a pool of 150
+             images on the device (training/device_augment.py)
   tpl_step   the TPL train step at tpl.batch_size + 1 (the template rides along) x size_hw
   tpl_naive  the same TPL network and loss "written naively": float32, no jit (every primitive
              dispatched on its own, as PyTorch eager runs), no fusion, the 3L full-resolution
@@ -18,7 +20,7 @@ Sections (`--sections`, default all):
   ssl_infer  SSL template matching per image (encoder + 5 cosine maps + product + argmax)
   tpl_infer  TPL voting inference per image (network + sigmoid + voting), and the voting alone
   pipeline   the host SSL augmentation pipeline alone, samples/s at each --workers count, and the
-             ratio to what the SSL step consumes
+             ratio to what the SSL step consumes; also the row stream that feeds augment=device
   compile    cold and warm compile time of the SSL step through the persistent compilation cache:
              cold = this process's own first compile when its cache directory started empty (the
              CLI default, `--compile_cache_dir=''`: a new temporary directory), else a fresh
@@ -195,17 +197,27 @@ def _landmarks(rng, n, num_landmarks, hw, margin=2):
 
 
 def _ssl_host_batch(config, seed=0):
+  """The SSL step's input: ready examples, or rows into a pool with ssl.augment="device"."""
   s = config.ssl
   b = s.batch_size
   h, w = tuple(config.data.size_hw)
   p = s.patch_size
   rng = _rng(seed)
+  if s.augment == "device":
+    return {"row": (np.arange(b) % _NUM_TRAIN).astype(np.int32)}
   return {
       "image": (_smooth_images(b, (h, w), seed)[..., None] / 255.0).astype(np.float32),
       "patch": (_smooth_images(b, (p, p), seed + 1)[..., None] / 255.0).astype(np.float32),
       "raw_yx": np.stack([rng.integers(0, h, b), rng.integers(0, w, b)], -1).astype(np.int32),
       "patch_yx": np.stack([rng.integers(0, p, b), rng.integers(0, p, b)], -1).astype(np.int32),
   }
+
+
+def _ssl_pool(config):
+  """{} or, for on-device augmentation, {"pool": uint8 [_NUM_TRAIN, H, W]} (host)."""
+  if config.ssl.augment != "device":
+    return {}
+  return {"pool": _smooth_images(_NUM_TRAIN, tuple(config.data.size_hw), seed=3)}
 
 
 def abstract_ssl_inputs(config, mesh):
@@ -226,6 +238,8 @@ def abstract_ssl_inputs(config, mesh):
   data = sharding.data_sharded(mesh)
   host = _ssl_host_batch(config)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data) for k, v in host.items()}
+  if config.ssl.augment == "device":
+    batch["pool"] = jax.ShapeDtypeStruct((_NUM_TRAIN, *size_hw), np.uint8, sharding=rep)
   step = jax.jit(ssl.make_train_step(config, tx), donate_argnums=0)
   return step, state, batch, jax.random.key(0)
 
@@ -263,11 +277,12 @@ def bench_ssl_step(config, mesh, warmup, iters, ctx):
   state = ssl.create_state(config, tx, mesh, size_hw)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  batch = sharding.put_batch(_ssl_host_batch(config), mesh)
+  batch = {**sharding.put_batch(_ssl_host_batch(config), mesh),
+           **sharding.put_replicated(_ssl_pool(config), mesh)}
   holder, times, pipelined, loss, flops, source = _time_train_step(
       lowered, compiled, state, batch, rng, warmup, iters)
   out = {"batch": s.batch_size, "image_hw": list(size_hw), "patch": s.patch_size,
-         "dtype": config.model.dtype, "init_s": init_s, "trace_s": trace_s,
+         "dtype": config.model.dtype, "augment": s.augment, "init_s": init_s, "trace_s": trace_s,
          "compile_s": compile_s, **_timing(times), "ms_pipelined": 1e3 * pipelined,
          "flops": flops, "flops_source": source, "tflops": _tflops(flops, statistics.median(times)),
          "tflops_pipelined": _tflops(flops, pipelined), "loss_finite": bool(np.isfinite(loss)),
@@ -555,9 +570,17 @@ def bench_pipeline(config, workers, min_seconds, min_batches, ctx, num_images=16
         del it
       rows.append({"workers": w, "samples_per_s": count * b / el, "batches": count,
                    "seconds": el, "startup_s": startup})
+  # ssl.augment="device": the host only streams image rows (the step draws the samples).
+  it = iter(pipeline.ssl_rows_dataset(np.arange(num_images), seed=0, batch_size=b,
+                                      repeats_per_epoch=s.repeats))
+  count, t0 = 0, time.perf_counter()
+  while count < 10 * min_batches or time.perf_counter() - t0 < min(min_seconds, 1.0):
+    next(it)
+    count += 1
+  rows_rate = count * b / (time.perf_counter() - t0)
   out = {"batch": b, "image_hw": list(hw), "patch": s.patch_size,
          "what": "ssl_dataset: crop, colour jitter, cubic rotation (host, scipy)",
-         "rows": rows}
+         "rows": rows, "device_augment_rows_per_s": rows_rate}
   step = ctx.get("ssl_step_result")
   if step and "ms_median" in step:
     step_s = min(step["ms_median"], step.get("ms_pipelined") or step["ms_median"]) / 1e3
@@ -568,6 +591,7 @@ def bench_pipeline(config, workers, min_seconds, min_batches, ctx, num_images=16
     best = max(rows, key=lambda r: r["samples_per_s"])
     out["best_ratio_to_demand"] = best["ratio_to_demand"]
     out["best_workers"] = best["workers"]
+    out["device_augment_ratio_to_demand"] = rows_rate / demand
   return out
 
 
@@ -907,6 +931,8 @@ def format_table(results):
     if err(name):
       continue
     r = results[name]
+    if r.get("augment") == "device":
+      label += ", augment on device"
     lines.append(f"| {label} (batch {r['batch']}) | {_fmt(r['ms_median'])} ms | pipelined "
                  f"{_fmt(r['ms_pipelined'])} ms | {_fmt(r['tflops'])} | {_fmt(r['compile_s'])} | "
                  f"{_mib(r['peak_bytes'])} |")
@@ -930,6 +956,9 @@ def format_table(results):
     demand = r.get("step_demand_samples_per_s")
     lines.append(f"| input pipeline (samples/s) | {cells} | step demand {_fmt(demand, 0)}/s, "
                  f"best {_fmt(r.get('best_ratio_to_demand'))}x | | | |")
+    lines.append(f"| row stream for augment=device (samples/s) | "
+                 f"{_fmt(r.get('device_augment_rows_per_s'), 0)} | "
+                 f"{_fmt(r.get('device_augment_ratio_to_demand'), 0)}x demand | | | |")
   if not err("compile"):
     r = results["compile"]
     c, w = r["cold"], r["warm"]

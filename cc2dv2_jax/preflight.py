@@ -94,6 +94,12 @@ def _problems(config):
   if size and isinstance(patch, int) and patch >= MIN_SIDE:
     need(patch <= min(size), "ssl.patch_size", f"larger than the image grid data.size_hw={size}")
   positive("ssl.temperature")
+  augment = _get(config, "ssl.augment", "host")
+  need(augment in ("host", "device"), "ssl.augment", "choose from host, device")
+  if augment == "device" and isinstance(patch, int) and isinstance(margin, (int, float)):
+    # The on-device sampler falls back to theta = 0, which moves the anchor up-left by one pixel.
+    need(int(margin * patch) >= 1, "ssl.anchor_margin",
+         "with ssl.augment=device it must leave >= 1 px (anchor_margin * patch_size >= 1)")
   need(_get(config, "ssl.window") in ("code", "paper"), "ssl.window", "choose from code, paper")
   need(_get(config, "ssl.inference") in ("product", "coarse_to_fine"), "ssl.inference",
        "choose from product, coarse_to_fine")

@@ -29,7 +29,10 @@ Config arguments:
   lr           SSL learning rate (default: reference 1e-3 scaled by sqrt(batch / 8)).
   tpl_batch    pseudo-labelled images per TPL step (default 7; +1 template = 8).
   dtype        compute dtype (default bfloat16; float32 for the comparison).
-  workers      grain worker processes (default 12 of the 16 host cores).
+  augment      device (default) | host: where SSL samples are drawn. On the device the step
+               needs no host cores and no per-step image transfer (training/device_augment.py,
+               bilinear rotation); host is the reference's cubic path on `workers` processes.
+  workers      grain worker processes for augment=host (default 12 of the 16 host cores).
   vgg          ImageNet VGG19 weights (.npz); the reference starts from them.
 """
 import math
@@ -56,11 +59,12 @@ def get_config(arg=None):
   a = default.parse_arg(arg, root=os.environ.get("CC2D_ISBI_ROOT", ""), ssl_minutes=8.0,
                         tpl_minutes=4.5, ssl_step_ms=EST_SSL_STEP_MS,
                         tpl_step_ms=EST_TPL_STEP_MS, batch=16, lr=0.0, tpl_batch=7,
-                        dtype="bfloat16", workers=12, vgg="")
+                        dtype="bfloat16", workers=12, vgg="", augment="device")
   c = ceph.get_config()
   c.data.root = a.root
   c.data.format = "isbi"
-  c.data.num_workers = a.workers
+  c.ssl.augment = a.augment
+  c.data.num_workers = a.workers if a.augment == "host" else 0
   c.model.dtype = a.dtype
   if a.vgg:
     c.model.pretrained_vgg = a.vgg

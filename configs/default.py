@@ -41,6 +41,10 @@ def get_config():
       # gets batch_size / device_count rows (must divide). See launch/README.md for the lr rule.
       batch_size=8,
       per_device_batch_size=0,  # 0: derived; >0: asserted = batch_size / device_count
+      # host: grain workers reproduce the reference (PIL jitter, cubic rotation); device: the step
+      # draws its samples on the accelerator from the images kept there (bilinear rotation, no
+      # host cores needed; training/device_augment.py).
+      augment="host",
       patch_size=192,
       anchor_margin=0.1,  # anchors uniform in [0.1 P, 0.9 P) of the patch
       brightness=0.15,

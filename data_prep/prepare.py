@@ -41,8 +41,9 @@ def main(argv):
   size_hw = parse_size(FLAGS.size)
   rs = dataset.read_dataset(FLAGS.root, FLAGS.format)
   counts = {s: len(rs.split_ids(s)) for s in ("train", "test1", "test2", "test")}
-  logging.info("read %s from %s: %d images (%s), %d landmarks, annotators %s", rs.name, FLAGS.root,
-               len(rs.records), ", ".join(f"{k} {v}" for k, v in counts.items() if v),
+  logging.info("read %s from %s: %d images (%s; %d unlabelled), %d landmarks, annotators %s",
+               rs.name, FLAGS.root, len(rs.records),
+               ", ".join(f"{k} {v}" for k, v in counts.items() if v), len(rs.unlabelled_ids()),
                rs.num_landmarks, rs.annotators)
   c = cache.prepare(rs, FLAGS.out, size_hw, name=FLAGS.name, template_id=FLAGS.template_id,
                     workers=FLAGS.workers, overwrite=FLAGS.overwrite)

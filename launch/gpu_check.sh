@@ -94,10 +94,14 @@ case "$MODE" in
       --sections=ssl_step,tpl_step,ssl_infer,tpl_infer,pipeline,compile \
       --warmup=5 --iters=30 --infer_batch=32 --workers=0,1,4,8,12,16 --pipeline_seconds=2 \
       --profile_dir=/tmp/cc2d_trace_bf16 --out="$OUT/bench_bf16.json"
-    # 2. The step times configs/ceph_fast.py needs (its batch 16 SSL, 7+1 TPL, bf16: pass the
-    #    ms_pipelined values as SSL_MS / TPL_MS to the fast modes).
+    # 2. The step times configs/ceph_fast.py needs (its batch 16 SSL with the samples drawn on
+    #    the device, 7+1 TPL, bf16: pass the ms_pipelined values as SSL_MS / TPL_MS to the fast
+    #    modes), and the batch-8 step with on-device sampling (what augment=device adds to 1.).
     bench 110 --config=configs/ceph_fast.py --sections=ssl_step,tpl_step --warmup=5 --iters=20 \
       --compile_cache_dir=none --out="$OUT/bench_fast.json"
+    bench 80 --config=configs/ceph.py --config.model.dtype=bfloat16 --config.ssl.augment=device \
+      --sections=ssl_step --warmup=5 --iters=30 --compile_cache_dir=none \
+      --out="$OUT/bench_devaug.json"
     # 3. fp32, with the naive (eager, fp32, host targets) TPL step as the 5x baseline, in the
     #    time left (the whole mode ends by ~535 s).
     left=$((535 - $(elapsed)))
@@ -113,7 +117,7 @@ case "$MODE" in
     python3 - "$OUT" <<'EOF'
 import json, os, sys
 from cc2dv2_jax import bench
-for name in ("bench_bf16.json", "bench_fast.json", "bench_fp32.json"):
+for name in ("bench_bf16.json", "bench_fast.json", "bench_devaug.json", "bench_fp32.json"):
   path = os.path.join(sys.argv[1], name)
   if os.path.exists(path):
     r = json.load(open(path))

@@ -93,12 +93,13 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
     raise FileNotFoundError(f"{workdir}: no SSL export (run --stage=ssl first)")
   cache = dataset.ensure_cache(config, workdir)
   configured = str(config.data.template_id)
-  train_ids = [cache.ids[r] for r in cache.indices("train")]
+  # Only labelled training images can serve as templates (a one-shot dataset may have just one).
+  train_ids = [cache.ids[r] for r in cache.indices("train") if cache.labelled[r]]
   if template_ids:
     ids = [str(i) for i in template_ids]
     bad = [i for i in ids if i not in train_ids]
     if bad:
-      raise ValueError(f"template ids {bad} are not training images of {cache.path}")
+      raise ValueError(f"template ids {bad} are not labelled training images of {cache.path}")
   else:
     ids = choose_templates(train_ids, configured, num_templates, seed)
   rows = cache.indices(config.eval.split)

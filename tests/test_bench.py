@@ -75,9 +75,12 @@ def test_every_section_reports_positive_numbers(tiny_results):
   assert [row["workers"] for row in rows] == [0, 1]
   assert all(_positive(row["samples_per_s"]) and _positive(row["ratio_to_demand"]) for row in rows)
   assert _positive(r["pipeline"]["step_demand_samples_per_s"])
+  # Streaming rows only (augment=device) is the same grain stream minus the augmentation.
+  assert r["pipeline"]["device_augment_rows_per_s"] > max(row["samples_per_s"] for row in rows)
+  assert r["pipeline"]["device_augment_ratio_to_demand"] > 1
   # The table is printed and names every section.
   for label in ("SSL train step", "TPL train step", "naive", "SSL inference",
-                "voting inference", "input pipeline", "compile"):
+                "voting inference", "input pipeline", "row stream", "compile"):
     assert label in stdout, label
 
 
@@ -173,6 +176,29 @@ def test_device_prefetch_order_placement_and_resume():
     prefetch.device_prefetch(_Counter(1), mesh, size=0)
 
 
+class _FailsAfter(_Counter):
+  """Raises (as a grain iterator whose workers were stopped) when asked for batch `fail_at`."""
+
+  def __init__(self, n, fail_at):
+    super().__init__(n)
+    self.fail_at = fail_at
+
+  def __next__(self):
+    if self.k + 1 == self.fail_at:
+      raise RuntimeError("workers stopped")
+    return super().__next__()
+
+
+def test_device_prefetch_read_ahead_failure_loses_no_batch():
+  """A failing read-ahead hands out the batches already read; the state matches what was used."""
+  it = prefetch.device_prefetch(_FailsAfter(6, fail_at=3), sharding.make_mesh(), size=2)
+  got = [int(np.asarray(next(it)["x"])[0, 0]) for _ in range(2)]
+  assert got == [1, 2] and it.get_state() == {"k": 2}
+  with pytest.raises(RuntimeError, match="workers stopped"):
+    next(it)
+  assert it.get_state() == {"k": 2}  # a checkpoint now resumes at batch 3
+
+
 def test_ceph_fast_compresses_the_schedule_to_the_budget():
   from configs import ceph_fast  # pylint: disable=g-import-not-at-top
   c = ceph_fast.get_config("root=/data/isbi,ssl_minutes=8,ssl_step_ms=25,tpl_minutes=4,"
@@ -183,5 +209,21 @@ def test_ceph_fast_compresses_the_schedule_to_the_budget():
   # The steps fit in the budget at the measured step time, with the margin left over.
   assert c.ssl.num_steps * 25e-3 <= 0.93 * c.ssl.max_seconds
   assert c.ssl.lr == pytest.approx(1e-3 * np.sqrt(2.0))
+  assert c.ssl.augment == "device" and c.data.num_workers == 0
+  host = ceph_fast.get_config("root=/data/isbi,augment=host,workers=6")
+  assert host.ssl.augment == "host" and host.data.num_workers == 6
   with pytest.raises(ValueError):
     ceph_fast.steps_for(8, 0)
+
+
+def test_ssl_step_with_device_augmentation_lowers_from_shapes():
+  """The bench's SSL step in ssl.augment="device" mode: rows sharded, the image pool replicated."""
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{"ssl.augment": "device", "model.rfb": False})
+  mesh = sharding.make_mesh()
+  jstep, state, batch, rng = bench.abstract_ssl_inputs(config, mesh)
+  assert set(batch) == {"row", "pool"}
+  assert batch["pool"].shape == (bench._NUM_TRAIN, 64, 64)  # pylint: disable=protected-access
+  assert batch["pool"].sharding == sharding.replicated(mesh)
+  out = jstep.lower(state, batch, rng).out_info
+  assert out[1]["loss"].shape == ()

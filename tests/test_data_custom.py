@@ -129,7 +129,6 @@ def test_write_custom_any_landmarks_and_dicom(tmp_path):
     (GOOD, "image_id,file\na,a.png\nb,nope.png\n", "images.csv", 3, "does not exist"),
     (GOOD, "image_id,file,split\na,a.png,val\nb,b.png,train\n", "images.csv", 2, "unknown split"),
     (GOOD, "image_id,file,spacing_x,spacing_y\na,a.png,0.1,-1\nb,b.png,,\n", "images.csv", 2, "positive"),
-    (GOOD, "image_id,file\na,a.png\nb,b.png\nc,b.png\n", "images.csv", 4, "no landmarks"),
 ])
 def test_custom_errors_name_file_and_line(tmp_path, landmarks, images_csv, file, line, msg):
   root = _write(tmp_path / "d", landmarks, images_csv)

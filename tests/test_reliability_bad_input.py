@@ -198,11 +198,13 @@ def test_missing_template_id(root, tmp_path, capsys):
 
 def test_bad_config_values_listed_before_training(root, tmp_path, capsys):
   """Every bad value at once, with its key; a TPL setting fails before SSL would start."""
-  c = _config(root, **{"ssl.patch_size": 96, "eval.split": "val", "data.format": "xml"})
+  c = _config(root, **{"ssl.patch_size": 96, "eval.split": "val", "data.format": "xml",
+                       "ssl.augment": "gpu"})
   msg = _fails(c, tmp_path / "w", capsys, stage="all")
   assert msg.startswith("invalid config: ")
   for text in ("ssl.patch_size=96: larger than the image grid data.size_hw=(64, 64)",
-               "eval.split='val': choose from", "data.format='xml': choose from"):
+               "eval.split='val': choose from", "data.format='xml': choose from",
+               "ssl.augment='gpu': choose from host, device"):
     assert text in msg, (text, msg)
   # 4 fake devices (conftest): tpl.batch_size 4 + template = 5 cannot be split.
   msg = _fails(_config(root, **{"tpl.batch_size": 4}), tmp_path / "w", capsys, stage="all")

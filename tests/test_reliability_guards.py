@@ -86,13 +86,18 @@ class _Recorder:
     self.it.set_state(s)
 
 
+# The loop puts batches on the device this many steps ahead: batch k is read from the iterator
+# just before step k - READ_AHEAD is dispatched.
+READ_AHEAD = 2
+
+
 def _train(cache, stage_dir, total, hook=None, log_every=2, ckpt_every=3, keep=2):
   mesh = sharding.make_mesh()
   it = _Recorder(_batches(cache), hook)
   state, info = loop.train_loop(
       name="t", state=_state(mesh), step_fn=_step, batches=it, mesh=mesh, stage_dir=stage_dir,
       total_steps=total, log_every=log_every, ckpt_every=ckpt_every, keep=keep,
-      row_ids=cache.ids)
+      row_ids=cache.ids, prefetch_size=READ_AHEAD)
   return state, info, it.taken
 
 
@@ -131,7 +136,7 @@ def test_sigterm_saves_current_step_and_resume_is_exact(cache, tmp_path):
   ref_state, _, ref_taken = _train(cache, tmp_path / "ref", total)
 
   def hook(k, b):
-    if k == 5:
+    if k == 5 + READ_AHEAD:
       os.kill(os.getpid(), signal.SIGTERM)  # arrives while step 5 runs
     return b
 

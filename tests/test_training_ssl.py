@@ -1,5 +1,6 @@
 """SSL training step: data parallelism equals one device, and a resumed run equals an unbroken one."""
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -74,15 +75,21 @@ def _train(config, cache, stage_dir, total):
   mesh = sharding.make_mesh()
   tx, _ = ssl.make_optimizer(config, len(cache.indices("train")))
   state = ssl.create_state(config, tx, mesh, tuple(cache.size_hw))
-  batches = iter(ssl.make_batches(config, cache, cache.indices("train")))
+  rows = cache.indices("train")
+  batches = iter(ssl.make_batches(config, cache, rows))
   state, info = loop.train_loop(
       name="ssl", state=state, step_fn=ssl.make_train_step(config, tx), batches=batches,
-      mesh=mesh, stage_dir=stage_dir, total_steps=total, log_every=1, ckpt_every=3, keep=2)
+      mesh=mesh, constants=ssl.device_pool(config, cache, rows, mesh), stage_dir=stage_dir,
+      total_steps=total, log_every=1, ckpt_every=3, keep=2)
   return jax.device_get(state), info
 
 
 def test_resume_equals_uninterrupted(cache_and_config, tmp_path):
+  """With on-device augmentation (the host path's resume is covered end to end by
+  tests/test_reliability_kill.py): the step's samples follow its key, the rows the iterator."""
   cache, config = cache_and_config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.ssl.augment = "device"
   full, info = _train(config, cache, tmp_path / "full", 6)
   assert info["steps"] == 6
   # A run stopped after 3 steps, then restarted from scratch in the same directory: the second

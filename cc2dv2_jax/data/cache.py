@@ -6,7 +6,8 @@ A cache is a directory:
                 "splits": [str] * N ("train" | "test1" | "test2" | "test"), "template_id": str or null,
                 "source": str, "annotators": ["senior", "junior"] or ["gt"] (any names)}
   arrays.npz   orig_hw int64 [N, 2]; spacing_yx float64 [N, 2] mm per ORIGINAL pixel (NaN = unknown);
-               landmarks_orig_yx float64 [N, A, L, 2] original-pixel [y, x] per annotator.
+               landmarks_orig_yx float64 [N, A, L, 2] original-pixel [y, x] per annotator; an
+               unlabelled image (only the template needs landmarks) is all NaN, never partly.
 
 Caches are written to a temporary sibling directory and renamed into place, so a reader never sees a
 half-written cache and an interrupted write leaves nothing behind.
@@ -40,8 +41,9 @@ class Cache:
     ids: list of N str.  splits: list of N str.
     size_hw: (H, W) of the cached images.
     orig_hw: int64 [N, 2].  spacing_yx: float64 [N, 2] mm per original pixel (NaN if unknown).
-    landmarks_orig_yx: float64 [N, A, L, 2].
-    annotators: tuple of A names.  template_id: str or None.  name, source, path: str.
+    landmarks_orig_yx: float64 [N, A, L, 2]; all NaN for an unlabelled image (see `labelled`).
+    annotators: tuple of A names.  template_id: str or None (always labelled).
+    name, source, path: str.
   """
   images: np.ndarray
   ids: list
@@ -64,35 +66,54 @@ class Cache:
   def num_landmarks(self):
     return int(self.landmarks_orig_yx.shape[2])
 
+  @property
+  def labelled(self):
+    """bool [N]: the image has landmarks (False: unlabelled, its landmarks are NaN)."""
+    return labelled_mask(self.landmarks_orig_yx)
+
   def gt_orig_yx(self, which="mean"):
-    """Ground truth in original pixels, float64 [N, L, 2].
+    """Ground truth in original pixels, float64 [N, L, 2] [y, x]; NaN rows for unlabelled images.
 
     which: 'mean' (all annotators; with integer annotations the floor of the integer mean as in the
     reference, e.g. (senior + junior) // 2), 'gt' (the 'gt' annotation if present, else 'mean'), or an
     annotator name ('senior', 'junior', ...).
     """
-    lm = self.landmarks_orig_yx
     if which == "gt" and "gt" not in self.annotators:
       which = "mean"
-    if which == "mean":
-      if lm.shape[1] == 1:
-        return lm[:, 0].astype(np.float64)
-      if lm.shape[1] == 2:
-        return np.asarray(lm_lib.mean_gt(lm[:, 0], lm[:, 1]), np.float64)
-      if np.all(lm == np.round(lm)):
-        return (np.rint(lm).astype(np.int64).sum(1) // lm.shape[1]).astype(np.float64)
-      return lm.mean(1)
-    if which not in self.annotators:
+    if which != "mean" and which not in self.annotators:
       raise ValueError(f"unknown annotation {which!r}; cache has {self.annotators} (or 'mean', 'gt')")
-    return lm[:, self.annotators.index(which)].astype(np.float64)
+    # Only labelled rows: a NaN row would make the integer test below fail for every image and turn
+    # the reference's floor of the mean into a plain mean.
+    lab = self.labelled
+    lm = self.landmarks_orig_yx[lab]
+    out = np.full((self.num_images, self.num_landmarks, 2), np.nan, np.float64)
+    if which != "mean":
+      out[lab] = lm[:, self.annotators.index(which)]
+    elif lm.shape[1] == 1:
+      out[lab] = lm[:, 0]
+    elif lm.shape[1] == 2:
+      out[lab] = lm_lib.mean_gt(lm[:, 0], lm[:, 1])
+    elif np.all(lm == np.round(lm)):
+      out[lab] = np.rint(lm).astype(np.int64).sum(1) // lm.shape[1]
+    else:
+      out[lab] = lm.mean(1)
+    return out
 
   def gt_float_yx(self):
-    """Un-quantised mean of all annotators, float64 [N, L, 2] (full-resolution evaluation)."""
+    """Un-quantised mean of all annotators, float64 [N, L, 2] (full-resolution evaluation); NaN rows
+    for unlabelled images."""
     return self.landmarks_orig_yx.mean(1)
 
   def gt_grid_yx(self, which="mean"):
-    """to_grid(gt_orig_yx(which)) on the cache grid, int64 [N, L, 2] (reference truncation)."""
-    return lm_lib.to_grid(self.gt_orig_yx(which), self.orig_hw, self.size_hw)
+    """to_grid(gt_orig_yx(which)) on the cache grid, int64 [N, L, 2] [y, x] (reference truncation).
+
+    Unlabelled rows hold -1 (off the grid; the convention of tpl.load_pseudo_labels for rows without
+    a label): select rows with `labelled` before using them as coordinates.
+    """
+    lab = self.labelled
+    out = np.full((self.num_images, self.num_landmarks, 2), -1, np.int64)
+    out[lab] = lm_lib.to_grid(self.gt_orig_yx(which)[lab], self.orig_hw[lab], self.size_hw)
+    return out
 
   def grid_spacing_yx(self):
     """mm per cache-grid pixel per image, float64 [N, 2] = spacing * orig / grid."""
@@ -128,6 +149,12 @@ class Cache:
     return None if self.template_id is None else self.index_of(self.template_id)
 
 
+def labelled_mask(landmarks_orig_yx):
+  """bool [N] from landmarks [N, A, L, 2]: True where every coordinate is finite."""
+  lm = np.asarray(landmarks_orig_yx)
+  return np.all(np.isfinite(lm.reshape(lm.shape[0], int(np.prod(lm.shape[1:])))), axis=1)
+
+
 def _check(cond, path, msg):
   if not cond:
     raise DataError(path, msg)
@@ -158,10 +185,19 @@ def validate(images, meta, arrays, path="<cache>"):
            f"{key} has shape {tuple(arrays[key].shape)}, expected {shape}")
   _check(np.all(arrays["orig_hw"] > 0), path, "orig_hw must be positive")
   lm = arrays["landmarks_orig_yx"]
-  _check(np.all(np.isfinite(lm)), path, "landmarks contain NaN/inf")
+  _check(not np.any(np.isinf(lm)), path, "landmarks contain inf")
+  # NaN marks an unlabelled image, and only a whole one: a half-labelled image is a broken cache.
+  nan = np.isnan(lm).reshape(n, a * l * 2)
+  partial = np.nonzero(nan.any(1) & ~nan.all(1))[0]
+  if len(partial):
+    raise DataError(path, f"landmarks contain NaN for part of image {meta['ids'][partial[0]]!r} "
+                    f"({len(partial)} such images; an image has all landmarks or none)")
+  lab = ~nan.any(1)
+  _check(tid is None or bool(lab[meta["ids"].index(tid)]), path,
+         f"template {tid!r} has no landmarks (the template must be labelled)")
   if n:
-    hw = arrays["orig_hw"][:, None, None, :]
-    inside = (lm >= -0.5) & (lm < hw - 0.5)
+    hw = arrays["orig_hw"][lab][:, None, None, :]
+    inside = (lm[lab] >= -0.5) & (lm[lab] < hw - 0.5)
     _check(bool(np.all(inside)), path, "landmarks outside their image")
 
 
@@ -296,6 +332,9 @@ def prepare(records, out_dir, size_hw=(384, 384), *, name=None, template_id=None
   ids = [r.id for r in records]
   if template_id is not None and str(template_id) not in ids:
     raise DataError(source or out_dir, f"template id {template_id!r} is not among the images")
+  if template_id is not None and not records[ids.index(str(template_id))].labelled:
+    raise DataError(source or out_dir, f"template id {template_id!r} has no landmarks (the template "
+                    f"is the one image that must be labelled)")
   size_hw = (int(size_hw[0]), int(size_hw[1]))
   n = len(records)
   images = np.zeros((n,) + size_hw, np.uint8)

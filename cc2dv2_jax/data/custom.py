@@ -7,6 +7,11 @@ Layout (a directory)::
     images.csv         one row per image (optional)
     dataset.json       {"name": ..., "template_id": ...} (optional)
 
+The images are those listed in images.csv or, without it, every image file directly in images/
+(by extension; file names starting with '.' are skipped). Only the template needs landmarks:
+an image with no row in landmarks.csv is unlabelled. Unlabelled training images are used for
+self-supervised training and get pseudo-labels; unlabelled test images are predicted but not scored.
+
 landmarks.csv (comma separated, with a header row; column order free)::
 
     image_id,landmark,x,y[,annotator]
@@ -14,13 +19,14 @@ landmarks.csv (comma separated, with a header row; column order free)::
     001,1,1473,1029
 
 * `image_id`: the image's id; without images.csv it is the file name in images/ without extension.
-* `landmark`: 0-based landmark index. Every image must have every landmark 0..L-1 exactly once
-  (L = the largest index + 1); any L >= 1 works.
+* `landmark`: 0-based landmark index. A labelled image must have every landmark 0..L-1 exactly once
+  (L = the largest index + 1); any L >= 1 works. An image with some but not all landmarks is an error.
 * `x`, `y`: position in pixels of the image file (column, row; 0,0 = centre of the top-left pixel;
   integers or decimals), unless images.csv gives the image a different width/height (see below).
-* `annotator` (optional): annotator name, e.g. senior / junior. When present every image needs every
-  landmark from every annotator; the ground truth is then the mean of the annotators (for two integer
-  annotations the floor of the mean, as in the ISBI reference). Without it the one annotation is 'gt'.
+* `annotator` (optional): annotator name, e.g. senior / junior. When present every labelled image needs
+  every landmark from every annotator; the ground truth is then the mean of the annotators (for two
+  integer annotations the floor of the mean, as in the ISBI reference). Without it the one annotation
+  is 'gt'.
 
 images.csv (optional; header row; only image_id and file are required)::
 
@@ -36,9 +42,13 @@ images.csv (optional; header row; only image_id and file are required)::
   resized copy of the image that was annotated (e.g. the 645x800 ISBI JPEGs with landmarks on the
   1935x2400 originals). Empty or absent: the file's own size.
 
+dataset.json `template_id`: the labelled training image to use as the one-shot template (config
+data.template_id overrides it); default: the first labelled training image.
+
 Any problem raises cc2dv2_jax.errors.DataError naming the file and line: a landmark count that differs
-between images, a non-numeric or NaN value, a landmark outside its image, a duplicate id or landmark row,
-an image file that does not exist, an image id without landmarks, or landmarks for an unknown image.
+between labelled images (an image missing some landmarks), a non-numeric or NaN value, a landmark
+outside its image, a duplicate id or landmark row, an image file that does not exist, an unlabelled
+template, no landmark rows at all, or landmarks for an unknown image.
 """
 import csv
 import json
@@ -164,13 +174,35 @@ def _read_images_csv(root):
   return out
 
 
+def _image_landmarks(image_id, pts, annotators, has_ann, num_l, frame, lpath, first_line):
+  """[A, L, 2] [y, x] of a labelled image (int64 when all integers); DataError for missing ones."""
+  arr = np.zeros((len(annotators), num_l, 2), np.float64)
+  for a, ann in enumerate(annotators):
+    d = pts.get((image_id, ann), {})
+    if len(d) != num_l:
+      missing = sorted(set(range(num_l)) - set(d))
+      who = f" from annotator {ann!r}" if has_ann else ""
+      raise DataError(lpath, f"image {image_id!r} has {len(d)} landmarks{who} but others have "
+                      f"{num_l} (missing indices {missing[:10]}; give all or none)",
+                      line=min((v[2] for v in d.values()), default=first_line))
+    for k, (y, x, _) in d.items():
+      arr[a, k] = (y, x)
+    lines = {k: v[2] for k, v in d.items()}
+    lm_lib.check_inside(arr[a], frame, lpath, line_of=lines.get, index_base=0)
+  if np.all(arr == np.round(arr)):
+    arr = arr.astype(np.int64)
+  return arr
+
+
 def read_custom(root):
   """Reads a custom-format dataset (see the module docstring).
 
   Returns:
     landmarks.RecordSet; records in images.csv (or file name) order; annotators from the `annotator`
-    column in order of appearance, else ('gt',); landmarks_yx [A, L, 2] int64 when all coordinates are
-    integers, else float64; orig_hw = the coordinate frame (width/height columns or the file's size).
+    column in order of appearance, else ('gt',); landmarks_yx [A, L, 2] [y, x] int64 when all of an
+    image's coordinates are integers, else float64; all NaN for an image without rows in
+    landmarks.csv (unlabelled); orig_hw = the coordinate frame (width/height columns or the file's
+    size).
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
@@ -179,7 +211,7 @@ def read_custom(root):
   lpath = os.path.join(root, LANDMARKS_CSV)
   rows = _read_csv(lpath, ("image_id", "landmark", "x", "y"))
   if not rows:
-    raise DataError(lpath, "no landmark rows")
+    raise DataError(lpath, "no landmark rows (at least the template image must be labelled)")
   has_ann = "annotator" in rows[0][1]
   annotators = []
   pts = {}        # (id, annotator) -> {landmark: (y, x, line)}
@@ -210,26 +242,14 @@ def read_custom(root):
   num_l = 1 + max(k for d in pts.values() for k in d)
   records = []
   for image_id, info in imgs.items():
-    if image_id not in first_line:
-      raise DataError(info["where"][0], f"image {image_id!r} has no landmarks in {LANDMARKS_CSV}",
-                      line=info["where"][1])
     frame = info["frame_hw"] or images_lib.image_size_hw(info["file"])
     spacing = info["spacing_yx"] or images_lib.dicom_header_spacing_yx(info["file"])
-    arr = np.zeros((len(annotators), num_l, 2), np.float64)
-    for a, ann in enumerate(annotators):
-      d = pts.get((image_id, ann), {})
-      if len(d) != num_l:
-        missing = sorted(set(range(num_l)) - set(d))
-        who = f" from annotator {ann!r}" if has_ann else ""
-        raise DataError(lpath, f"image {image_id!r} has {len(d)} landmarks{who} but others have "
-                        f"{num_l} (missing indices {missing[:10]})",
-                        line=min((v[2] for v in d.values()), default=first_line[image_id]))
-      for k, (y, x, line) in d.items():
-        arr[a, k] = (y, x)
-      lines = {k: v[2] for k, v in d.items()}
-      lm_lib.check_inside(arr[a], frame, lpath, line_of=lines.get, index_base=0)
-    if np.all(arr == np.round(arr)):
-      arr = arr.astype(np.int64)
+    if image_id not in first_line:
+      # No rows at all: an unlabelled image (NaN landmarks); some rows but not all is an error.
+      arr = lm_lib.unlabelled(len(annotators), num_l)
+    else:
+      arr = _image_landmarks(image_id, pts, annotators, has_ann, num_l, frame, lpath,
+                             first_line[image_id])
     records.append(lm_lib.Record(id=image_id, split=info["split"], image_path=info["file"],
                                  orig_hw=tuple(int(v) for v in frame),
                                  spacing_yx=None if spacing is None else tuple(float(s) for s in spacing),
@@ -249,8 +269,11 @@ def read_custom(root):
       template = str(template)
       if template not in imgs:
         raise DataError(jpath, f"template_id {template!r} is not an image id")
+      if template not in first_line:
+        raise DataError(jpath, f"template_id {template!r} has no landmarks in {LANDMARKS_CSV}; the "
+                        f"template is the one image that must be labelled")
   if template is None:
-    train = [r.id for r in records if r.split == "train"]
+    train = [r.id for r in records if r.split == "train" and r.labelled]
     template = train[0] if train else None
   lm_lib.check_records(records, root)
   return lm_lib.RecordSet(name=name, records=records, template_id=template, source=os.path.abspath(root))
@@ -266,7 +289,7 @@ def write_custom(recordset, out_dir, overwrite=False):
 
   images.csv always carries split, spacing (if known) and width/height = the coordinate frame (orig_hw),
   so downscaled image copies keep their original-pixel landmarks exactly. The annotator column is written
-  unless the only annotator is 'gt'.
+  unless the only annotator is 'gt'. Unlabelled records (NaN landmarks) get no landmark rows.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and not overwrite:
@@ -290,6 +313,8 @@ def write_custom(recordset, out_dir, overwrite=False):
         sy, sx = r.spacing_yx if r.spacing_yx is not None else ("", "")
         wi.writerow([r.id, fname, r.split, "" if sx == "" else repr(float(sx)),
                      "" if sy == "" else repr(float(sy)), r.orig_hw[1], r.orig_hw[0]])
+        if not r.labelled:
+          continue
         for a, ann in enumerate(r.annotators):
           for k, (y, x) in enumerate(np.asarray(r.landmarks_yx[a])):
             wl.writerow([r.id, k, _fmt(x), _fmt(y)] + ([ann] if with_ann else []))

@@ -7,6 +7,7 @@ import os
 import pathlib
 import time
 
+import numpy as np
 from absl import logging
 
 from cc2dv2_jax.data import bmple
@@ -69,6 +70,15 @@ def _source_root(config, workdir):
   return root, "isbi"
 
 
+def _check_template_labelled(records, template_id, root):
+  """DataError naming the landmark file when the configured template is an unlabelled image."""
+  rec = next((r for r in records.records if r.id == str(template_id)), None)
+  if rec is not None and not rec.labelled:
+    where = os.path.join(root, custom.LANDMARKS_CSV) if custom.looks_like_custom(root) else root
+    raise DataError(where, f"template {str(template_id)!r} (data.template_id) has no landmarks; the "
+                    f"template is the one image that must be labelled")
+
+
 def validate(c, config, where):
   """Checks a cache against the config: grid size, landmark count, template, splits."""
   d = config.data
@@ -82,6 +92,9 @@ def validate(c, config, where):
                     f"dataset")
   if c.splits[c.index_of(d.template_id)] != "train":
     raise DataError(where, f"template id {d.template_id!r} is not a training image")
+  if not c.labelled[c.index_of(d.template_id)]:
+    raise DataError(where, f"template id {d.template_id!r} (data.template_id) has no landmarks; the "
+                    f"template must be labelled")
   if len(c.indices("train")) == 0:
     raise DataError(where, "empty split: no training images")
   if len(c.indices(config.eval.split)) == 0:
@@ -97,6 +110,7 @@ def ensure_cache(config, workdir, process_index=0):
     if process_index == 0:
       root, fmt = _source_root(config, workdir)
       records = read_dataset(str(root), fmt, num_landmarks=config.data.num_landmarks)
+      _check_template_labelled(records, config.data.template_id, str(root))
       cache_lib.prepare(records, out, tuple(config.data.size_hw),
                         template_id=str(config.data.template_id))
     else:
@@ -111,7 +125,18 @@ def check(config, workdir):
   """`--stage=check`: reads and validates config and dataset without training."""
   c = ensure_cache(config, workdir)
   counts = {s: len(c.indices(s)) for s in ("train", "test1", "test2")}
-  logging.info("check passed: %s, %d images %s, %d landmarks, template %s", c.path, c.num_images,
-               counts, c.num_landmarks, config.data.template_id)
+  # Unlabelled images are fine (training needs the template only; unlabelled test images are
+  # predicted, not scored), but say how many so a forgotten annotation file does not go unnoticed.
+  unlabelled = {s: int(np.sum(~c.labelled[c.indices(s)])) for s in ("train", "test1", "test2")}
+  ev = c.indices(config.eval.split)
+  scored = int(np.sum(c.labelled[ev]))
+  logging.info("check passed: %s, %d images %s, %d landmarks, template %s; unlabelled %s; %d of %d "
+               "%r images have ground truth to score", c.path, c.num_images, counts,
+               c.num_landmarks, config.data.template_id, unlabelled, scored, len(ev),
+               config.eval.split)
+  if not scored:
+    logging.warning("no %r image has landmarks: evaluation writes predictions only, no scores",
+                    config.eval.split)
   return {"cache": c.path, "num_images": c.num_images, "splits": counts,
-          "num_landmarks": c.num_landmarks}
+          "num_landmarks": c.num_landmarks, "unlabelled": unlabelled,
+          "eval_images_with_gt": scored}

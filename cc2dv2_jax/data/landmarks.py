@@ -1,6 +1,8 @@
 """Landmark records, annotation text files and the coordinate conversions of the reference.
 
 Coordinates are [y, x] (row, column) in pixels of the ORIGINAL image unless a name ends in `_xy`.
+An unlabelled image (one-shot training needs landmarks on the template only) has NaN for every
+landmark of every annotator; an image is either fully labelled or fully NaN (`check_labels`).
 
 Conversions (see design "Coordinates and grids"):
 * `mean_gt(senior, junior)`: the reference ground truth, (senior + junior) // 2 on integer annotations
@@ -34,7 +36,7 @@ class Record:
     spacing_yx: (mm per original pixel along y, along x), or None when unknown.
     annotators: names of the annotations, e.g. ('senior', 'junior') or ('gt',).
     landmarks_yx: [A, L, 2] original-pixel [y, x] per annotator; int64 when the source has integer
-      coordinates (ISBI), float64 otherwise.
+      coordinates (ISBI), float64 otherwise; all NaN (float64) for an unlabelled image.
   """
   id: str
   split: str
@@ -47,6 +49,11 @@ class Record:
   @property
   def num_landmarks(self):
     return int(self.landmarks_yx.shape[1])
+
+  @property
+  def labelled(self):
+    """False for an unlabelled image (all landmarks NaN); see check_labels for partial ones."""
+    return bool(np.all(np.isfinite(self.landmarks_yx)))
 
   def annotation(self, name):
     """[L, 2] landmarks of one annotator."""
@@ -71,6 +78,31 @@ class RecordSet:
 
   def split_ids(self, split):
     return [r.id for r in self.records if r.split == split]
+
+  def unlabelled_ids(self, split=None):
+    """Ids of the unlabelled images (of one split, or of all when split is None)."""
+    return [r.id for r in self.records if not r.labelled and split in (None, r.split)]
+
+
+def unlabelled(num_annotators, num_landmarks):
+  """The landmarks of an unlabelled image: float64 [A, L, 2] of NaN."""
+  return np.full((num_annotators, num_landmarks, 2), np.nan, np.float64)
+
+
+def check_labels(landmarks_yx, path, what):
+  """DataError(path) unless `landmarks_yx` [..., L, 2] is all finite or all NaN (unlabelled).
+
+  `what` names the image in the message, e.g. "image '001'".
+  """
+  lm = np.asarray(landmarks_yx, np.float64)
+  if np.any(np.isinf(lm)):
+    raise DataError(path, f"{what}: infinite landmark coordinate")
+  nan = np.isnan(lm)
+  if nan.any() and not nan.all():
+    # Name the landmarks (0-based, as in landmarks.csv) that lack a coordinate in any annotation.
+    missing = np.nonzero(nan.reshape(-1, *lm.shape[-2:]).any(axis=(0, 2)))[0].tolist()
+    raise DataError(path, f"{what} is partially labelled: landmarks {missing[:10]} are NaN "
+                    f"(an image has every landmark or none)")
 
 
 def _is_integral(a):
@@ -115,6 +147,10 @@ def to_grid(yx, orig_hw, grid_hw):
   g = _broadcast_hw(grid_hw, yx.ndim)
   if _is_integral(yx):
     return (np.rint(yx).astype(np.int64) * np.asarray(g, np.int64)) // np.asarray(o, np.int64)
+  if not np.all(np.isfinite(yx)):
+    # NaN cast to int64 is an arbitrary huge number; unlabelled rows must be left out first.
+    raise ValueError(f"to_grid: {int(np.sum(~np.isfinite(yx)))} non-finite coordinates (unlabelled "
+                     f"images?); select the labelled rows first")
   return np.floor(yx.astype(np.float64) * g / o).astype(np.int64)
 
 
@@ -212,7 +248,8 @@ def check_inside(landmarks_yx, orig_hw, path, line_of=None, index_base=1):
 
 
 def check_records(records, source):
-  """Checks a list of records for consistency: unique ids, one landmark count and annotator set."""
+  """Checks a list of records for consistency: unique ids, one landmark count and annotator set,
+  each image fully labelled or unlabelled (all NaN)."""
   if not records:
     raise DataError(source, "no images found")
   seen = {}
@@ -229,3 +266,4 @@ def check_records(records, source):
     if r.landmarks_yx.shape[1:] != first.landmarks_yx.shape[1:]:
       raise DataError(r.image_path, f"{r.landmarks_yx.shape[1]} landmarks but image {first.id} has "
                       f"{first.landmarks_yx.shape[1]}")
+    check_labels(r.landmarks_yx, r.image_path, f"image {r.id!r}")

@@ -136,6 +136,26 @@ def image_source(images, indices=None):
   return ArrayImages(images, indices)
 
 
+class RowSource:
+  """Record k is {"row": int32 k, "index": int32 indices[k]}: positions in a device-resident pool.
+
+  For `ssl.augment="device"`: the images already sit on the accelerator (in the order of
+  `indices`), so the stream only says which one each example uses; "index" is the cache row,
+  kept on the host to name the images of a batch.
+  """
+
+  def __init__(self, indices):
+    self._indices = np.asarray(indices, dtype=np.int64)
+    if self._indices.ndim != 1 or self._indices.size == 0:
+      raise ValueError(f"RowSource: indices must be a non-empty 1-D list, got {self._indices.shape}")
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, k):
+    return {"row": np.int32(k), "index": np.int32(self._indices[k])}
+
+
 class _WithLandmarks:
   """Adds landmarks_yx int32 [L, 2] of the record's image row to an image source's records."""
 
@@ -245,6 +265,24 @@ def ssl_dataset(images, *, seed, batch_size, indices=None, patch_size=192, margi
       repeats_per_epoch=repeats_per_epoch, num_epochs=num_epochs, shuffle=shuffle,
       map_fn=transform, random=True, shard_index=shard_index, shard_count=shard_count,
       num_workers=num_workers, num_threads=num_threads, prefetch_buffer=prefetch_buffer)
+
+
+def ssl_rows_dataset(indices, *, seed, batch_size, repeats_per_epoch=1, num_epochs=None,
+                     shuffle=True, shard_index=0, shard_count=1, num_threads=1, prefetch_buffer=2):
+  """Batches of image rows for on-device SSL augmentation (training/device_augment.py).
+
+  The same shuffle, repeat, batching and sharding as ssl_dataset over the same `indices`, so
+  both paths visit the images in the same order; no worker processes are needed.
+
+  Returns:
+    grain.IterDataset of dicts: row int32 [B] (position in `indices`, i.e. in the device pool),
+    index int32 [B] (cache row).
+  """
+  return _finish(
+      grain.MapDataset.source(RowSource(indices)), seed=seed, batch_size=batch_size,
+      repeats_per_epoch=repeats_per_epoch, num_epochs=num_epochs, shuffle=shuffle,
+      map_fn=dict, random=False, shard_index=shard_index, shard_count=shard_count,
+      num_workers=0, num_threads=num_threads, prefetch_buffer=prefetch_buffer)
 
 
 def tpl_dataset(images, landmarks_grid_yx, *, seed, batch_size, indices=None,

@@ -1,7 +1,9 @@
 """Evaluation stage: predict the test split with each trained stage and write its report.
 
-<workdir>/<stage>/eval/ holds each stage's report (SSL-only and TPL); the eval stage also writes
-<workdir>/eval/summary.md with both side by side.
+<workdir>/<stage>/eval/ holds each stage's report (SSL-only and TPL) and predictions.csv (every
+image of the split, labelled or not); the eval stage also writes <workdir>/eval/summary.md with
+both side by side. Only labelled images are scored: unlabelled ones are counted in the report, and
+a split without any labelled image gives predictions and overlays with no scores.
 """
 import json
 import os
@@ -35,7 +37,10 @@ def _load(out_dir):
 
 
 def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
-  """Predicts `rows` of `cache` with `stage`'s export; writes the report to `out_dir`."""
+  """Predicts `rows` of `cache` with `stage`'s export; writes the report to `out_dir`.
+
+  Every row is predicted; the labelled ones are scored (metrics.evaluate_cache).
+  """
   predictor = restore.stage_predictor(config, workdir, stage, cache)
   t0 = time.time()
   preds = predictor(cache.images[rows], desc=f"{stage} eval")
@@ -44,6 +49,7 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
   results.update(stage=stage, inference_seconds=seconds, images_per_second=len(rows) / seconds)
   if jax.process_index() == 0:
     ids = [cache.ids[r] for r in rows]
+    labelled = cache.labelled[rows]
     # The report folder appears whole or not at all: a kill while plotting must not leave a
     # results.json that a rerun takes for a finished evaluation.
     final_dir = pathlib.Path(out_dir)
@@ -53,12 +59,16 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
       shutil.rmtree(stale, ignore_errors=True)
     report.write_report(results, tmp_dir, images=dict(zip(ids, cache.images[rows])),
                         preds=dict(zip(ids, preds)),
-                        gts=dict(zip(ids, cache.gt_grid_yx(config.data.gt)[rows])),
+                        gts={i: g for i, g, has in zip(ids, cache.gt_grid_yx(config.data.gt)[rows],
+                                                        labelled) if has},
                         overlay_ids="auto" if config.eval.overlays else None)
+    report.write_predictions(tmp_dir / "predictions.csv", ids, [cache.splits[r] for r in rows],
+                             labelled, preds, cache.orig_hw[rows], cache.size_hw)
     cache_lib.replace_dir(tmp_dir, final_dir)
   distributed.sync(f"{stage}_eval_report")
   results["markdown"] = report.markdown_table(results)
-  logging.info("%s evaluation on %d images (%.1f s):\n%s", stage, len(rows), seconds,
+  logging.info("%s evaluation: %d images predicted, %d scored, %d unlabelled (%.1f s):\n%s", stage,
+               len(rows), results["n_images"], results["n_unlabelled"], seconds,
                results["markdown"])
   return results
 

@@ -32,7 +32,7 @@ def _label(workdir, config):
 
 
 def _query(image, config, cache):
-  """(uint8 [H, W] on the config's grid, gt_yx [L, 2] or None, display name)."""
+  """(uint8 [H, W] on the config's grid, gt_yx [L, 2] or None (a file, an unlabelled id), name)."""
   grid_hw = tuple(int(v) for v in config.data.size_hw)
   if os.path.isfile(str(image)):
     img, _ = images_lib.read_image(image)
@@ -42,7 +42,8 @@ def _query(image, config, cache):
   except KeyError:
     raise DataError(str(image), f"neither an image file nor an image id of the dataset cache "
                     f"{cache.path}") from None
-  return np.asarray(cache.images[row]), cache.gt_grid_yx(config.data.gt)[row], f"id {image}"
+  gt = cache.gt_grid_yx(config.data.gt)[row] if cache.labelled[row] else None
+  return np.asarray(cache.images[row]), gt, f"id {image}"
 
 
 def default_image_id(config, workdir):

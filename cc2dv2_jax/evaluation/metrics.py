@@ -14,6 +14,7 @@ import logging
 
 import numpy as np
 
+from cc2dv2_jax.data import cache as cache_lib
 from cc2dv2_jax.data import landmarks as lm
 
 # Reference eval radii in mm (config/head.yaml: eval_radius).
@@ -268,7 +269,21 @@ def evaluate(pred_grid_yx, landmarks_orig_yx, orig_hw, spacing_yx, grid_hw, spli
 
 
 def evaluate_cache(pred_grid_yx, cache, indices, *, gt="mean", split_names=None, radii=RADII):
-  """`evaluate` with the arrays taken from a `data.cache.Cache` (or any object with its fields)."""
-  return evaluate(pred_grid_yx, cache.landmarks_orig_yx, cache.orig_hw, cache.spacing_yx,
-                  cache.size_hw, cache.splits, indices=indices, annotators=cache.annotators,
-                  gt=gt, split_names=split_names, radii=radii, ids=cache.ids)
+  """`evaluate` with the arrays taken from a `data.cache.Cache` (or any object with its fields).
+
+  Only the labelled rows of `indices` are scored (an unlabelled image, NaN landmarks, has nothing
+  to compare with). The result adds "n_predicted" (= len(indices)), "n_unlabelled" and
+  "unlabelled_ids" (the rows left out); "n_images" and "ids" count the scored rows only, so with
+  no labelled row every summary is NaN and "n_images" is 0.
+  """
+  pred = _check_points(pred_grid_yx, "pred_grid_yx")
+  rows = np.asarray(indices, np.int64).ravel()
+  if rows.shape[0] != pred.shape[0]:
+    raise ValueError(f"{pred.shape[0]} predictions for {rows.shape[0]} indices")
+  lab = cache_lib.labelled_mask(np.asarray(cache.landmarks_orig_yx)[rows])
+  out = evaluate(pred[lab], cache.landmarks_orig_yx, cache.orig_hw, cache.spacing_yx,
+                 cache.size_hw, cache.splits, indices=rows[lab], annotators=cache.annotators,
+                 gt=gt, split_names=split_names, radii=radii, ids=cache.ids)
+  out.update(n_predicted=int(len(rows)), n_unlabelled=int(np.sum(~lab)),
+             unlabelled_ids=[str(cache.ids[r]) for r in rows[~lab]])
+  return out

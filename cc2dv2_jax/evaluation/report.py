@@ -1,8 +1,13 @@
 """Evaluation report folder: results.json, results.md, SDR and per-landmark plots, overlays.
 
-`results` is the dict returned by `metrics.evaluate` (or the same dict read back from results.json,
-where SDR radii are string keys such as "2" and "2.5").
+`results` is the dict returned by `metrics.evaluate` or `metrics.evaluate_cache` (or the same dict
+read back from results.json, where SDR radii are string keys such as "2" and "2.5"). Test images
+without landmarks are predicted but not scored (`n_unlabelled`, `unlabelled_ids`); with none
+labelled (`n_images` 0) the report says there is no ground truth and draws predictions only.
+The evaluation stage also writes predictions.csv (`write_predictions`) for every predicted image.
 """
+import csv
+import io
 import json
 import math
 import os
@@ -10,6 +15,7 @@ import re
 
 import numpy as np
 
+from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.evaluation import metrics
 from cc2dv2_jax.evaluation import plots
 from cc2dv2_jax.utils import atomic_write_text
@@ -62,8 +68,32 @@ def _protocol_title(results, proto):
   return PROTOCOL_TITLES.get(proto, proto)
 
 
+def _no_ground_truth(results):
+  return int(results.get("n_images", 0)) == 0 and "n_predicted" in results
+
+
+def unscored_note(results):
+  """One markdown line on the predicted images that had no landmarks to score ('' when none)."""
+  k = int(results.get("n_unlabelled") or 0)
+  if _no_ground_truth(results):
+    return (f"**No ground truth to score against**: none of the {results['n_predicted']} predicted "
+            f"images has landmarks; predictions only (predictions.csv).")
+  if not k:
+    return ""
+  ids = results.get("unlabelled_ids") or []
+  shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+  return (f"{k} of {results.get('n_predicted', k)} predicted images have no landmarks and were not "
+          f"scored (unlabelled: {shown}); their predictions are in predictions.csv.")
+
+
 def markdown_table(results):
-  """Summary table: one row per protocol x split with MRE +- std and SDR at every radius."""
+  """Summary table: one row per protocol x split with MRE +- std and SDR at every radius.
+
+  Followed by `unscored_note` when some predicted images had no landmarks; only the note when none
+  had any.
+  """
+  if _no_ground_truth(results):
+    return unscored_note(results)
   unit = results.get("unit", "mm")
   radii = results["radii"]
   nl = max(int(results.get("num_landmarks", 1)), 1)
@@ -77,7 +107,8 @@ def markdown_table(results):
              f"{_num(s['mre'], '{:.3f}')} ± {_num(s['std'], '{:.3f}')}"]
       row += [_num(_sdr_value(s["sdr"], r)) for r in radii]
       lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines)
+  note = unscored_note(results)
+  return "\n".join(lines + (["", note] if note else []))
 
 
 def per_landmark_table(results, protocol="grid", split=metrics.POOLED):
@@ -132,6 +163,29 @@ def _pick(container, row, key):
   return container[row]
 
 
+def write_predictions(path, ids, splits, labelled, pred_grid_yx, orig_hw, grid_hw):
+  """Writes predictions.csv: image_id,split,labelled,landmark,x,y, one row per landmark.
+
+  Args:
+    ids, splits: [M] per predicted image; labelled: [M] bool (1/0 in the file: scored or not).
+    pred_grid_yx: [M, L, 2] predictions [y, x] on the grid grid_hw.
+    orig_hw: [M, 2] original image sizes.
+  landmark is 1-based (as on the overlays); x (column), y (row) in pixels of the original image,
+  0,0 = centre of the top-left pixel (the pixel-centre map back from the grid, as in --stage=predict).
+  """
+  pred = np.asarray(pred_grid_yx, np.float64)
+  orig = np.asarray(orig_hw, np.float64)
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["image_id", "split", "labelled", "landmark", "x", "y"])
+  for i, image_id in enumerate(ids):
+    yx = lm_lib.grid_to_orig(pred[i], orig[i], np.asarray(grid_hw, np.float64))
+    for k, (y, x) in enumerate(yx):
+      w.writerow([image_id, splits[i], int(bool(labelled[i])), k + 1, f"{x:.3f}", f"{y:.3f}"])
+  atomic_write_text(path, buf.getvalue())
+  return path
+
+
 def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay_ids="auto"):
   """Writes the evaluation report folder.
 
@@ -142,8 +196,11 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
     preds: [M, L, 2] (or {id: [L, 2]}) predictions in the pixel frame of `images`.
     gts: same for the ground truth, or None to draw predictions only.
     overlay_ids: 'auto' (best, median and worst image by per-image MRE), a list of image ids or
-      row positions, or None for no overlays. Overlays need `images` and `preds`.
-  Files: results.json, results.md, sdr_vs_radius.png, per_landmark_error.png, overlays/<id>.png.
+      row positions, or None for no overlays. Overlays need `images` and `preds`. With no scored
+      image, 'auto' draws the predictions (no GT) of the first 3 images of `images` given as
+      {id: image} (`preds` then keyed by id too).
+  Files: results.json, results.md, sdr_vs_radius.png, per_landmark_error.png (not without scored
+  images), overlays/<id>.png.
   Returns {name: path} of the files written.
   """
   os.makedirs(out_dir, exist_ok=True)
@@ -155,6 +212,8 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   unit = results.get("unit", "mm")
   protos = _protocols(results)
   radii = results["radii"]
+  if _no_ground_truth(results):
+    return _write_unscored_report(results, out_dir, written, images, preds, overlay_ids)
   series = {}
   for proto in protos:
     for split, s in results["summary"][proto].items():
@@ -213,6 +272,32 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   for p in overlay_paths:
     rel = os.path.relpath(p, out_dir)
     md += [f"![{os.path.basename(p)}]({rel})", ""]
+  path = os.path.join(out_dir, "results.md")
+  atomic_write_text(path, "\n".join(md))
+  written["results.md"] = path
+  return written
+
+
+def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids):
+  """write_report without ground truth: a results.md that says so, prediction overlays only."""
+  overlay_paths = []
+  if isinstance(images, dict) and preds is not None and overlay_ids is not None:
+    keys = list(images)[:3] if isinstance(overlay_ids, str) and overlay_ids == "auto" else [
+        str(k) for k in overlay_ids]
+    bad = [k for k in keys if k not in images]
+    if bad:
+      raise ValueError(f"overlay ids {bad} are not among the predicted images")
+    for key in keys:
+      path = os.path.join(out_dir, "overlays", _safe_name(key) + ".png")
+      plots.overlay(images[key], _pick(preds, None, key), None, path,
+                    title=f"{key}   (no ground truth)")
+      overlay_paths.append(path)
+  written["overlays"] = overlay_paths
+  md = ["# Evaluation results", "", unscored_note(results), "",
+        f"{results.get('num_landmarks')} landmarks; grid {results.get('grid_hw')}. Predictions: "
+        f"predictions.csv (x, y in original pixels).", ""]
+  for p in overlay_paths:
+    md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})", ""]
   path = os.path.join(out_dir, "results.md")
   atomic_write_text(path, "\n".join(md))
   written["results.md"] = path

@@ -21,6 +21,9 @@ def run(config, workdir):
   The file holds the config and the SSL step that produced the labels, the template id, and per
   training image its predicted landmarks [y, x] on the training grid. The template itself gets
   its predicted labels too, as in the reference (its true labels are added by the TPL stage).
+  Training images need no landmarks; where some besides the template have them, the file also
+  holds the mean pixel error of their pseudo-labels (`mean_error_vs_train_gt_px`, null when none,
+  over `num_train_gt_images` images).
   """
   workdir = pathlib.Path(workdir)
   path = tpl.pseudo_labels_path(workdir)
@@ -33,18 +36,26 @@ def run(config, workdir):
   predictor = restore.stage_predictor(config, workdir, "ssl", cache)
   rows = cache.indices("train")
   preds = predictor(cache.images[rows], desc="pseudo-labels")
-  gt = cache.gt_grid_yx(config.data.gt)[rows]
-  # Pixel error against the training ground truth (where the dataset has it): how good the
-  # labels are that TPL will learn from. Not used for training.
-  err_px = float(np.mean(np.linalg.norm(preds.astype(np.float64) - gt, axis=-1)))
+  # Pixel error against the training ground truth where the dataset has it: how good the labels
+  # are that TPL will learn from. Not used for training. Unlabelled images have none, and the
+  # template is left out: matching it against itself says nothing about the pseudo-labels.
+  scored = cache.labelled[rows] & (rows != cache.row_of(config.data.template_id))
+  err_px = None
+  if scored.any():
+    gt = cache.gt_grid_yx(config.data.gt)[rows[scored]]
+    err_px = float(np.mean(np.linalg.norm(preds[scored].astype(np.float64) - gt, axis=-1)))
   out = {"config": config.to_dict(), "ssl_step": info.get("steps"),
          "template_id": config.data.template_id, "size_hw": list(cache.size_hw),
          "ids": [cache.ids[r] for r in rows], "landmarks_yx": preds.tolist(),
-         "mean_error_vs_train_gt_px": err_px}
+         "mean_error_vs_train_gt_px": err_px, "num_train_gt_images": int(scored.sum())}
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_write_text(path, json.dumps(out))
   distributed.sync("pseudo_labels")  # the TPL stage reads them next, on every process
-  logging.info("pseudo-labels for %d images -> %s (mean error vs train GT %.2f px)",
-               len(rows), path, err_px)
+  if err_px is None:
+    logging.info("pseudo-labels for %d images -> %s (no labelled training image besides the "
+                 "template to measure them against)", len(rows), path)
+  else:
+    logging.info("pseudo-labels for %d images -> %s (mean error vs train GT %.2f px over %d "
+                 "labelled images)", len(rows), path, err_px, int(scored.sum()))
   return out

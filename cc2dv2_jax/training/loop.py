@@ -26,7 +26,7 @@ from absl import logging
 from cc2dv2_jax import utils
 from cc2dv2_jax.training import checkpoint
 from cc2dv2_jax.training import logs
-from cc2dv2_jax.training import sharding
+from cc2dv2_jax.training import prefetch
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", what a scheduler should requeue on
 NONFINITE_REPORT = "nonfinite_report.json"
@@ -91,7 +91,8 @@ def _row_name(row, row_ids):
 
 
 def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, log_every,
-               ckpt_every, keep, max_seconds=0.0, seed=0, row_ids=None):
+               ckpt_every, keep, max_seconds=0.0, seed=0, row_ids=None, constants=None,
+               prefetch_size=2):
   """Runs `step_fn` until `total_steps` (or the time budget) and returns the final state.
 
   Args:
@@ -99,7 +100,9 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
     step_fn: pure (state, batch, rng) -> (state, metrics) with scalar metrics including "loss".
     batches: a grain iterator of numpy dicts (get_state/set_state); its "index" entry (source
       image rows, -1 for TPL's template) stays on the host and names a batch that produced a
-      non-finite loss.
+      non-finite loss. The other entries are put on the device `prefetch_size` batches ahead of
+      the step that uses them (training/prefetch.py), so the step does not wait for its input.
+    constants: device arrays added to every batch as they are (e.g. the on-device image pool).
     stage_dir: <workdir>/<stage>; checkpoints go to stage_dir/checkpoints.
     keep: checkpoints kept besides the best one (lowest mean loss over the last log_every steps).
     row_ids: optional image id of every row (cache.ids), for the non-finite report.
@@ -115,6 +118,9 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
     raise ValueError(f"log_every={log_every} and ckpt_every={ckpt_every} must be >= 1")
   stage_dir = pathlib.Path(stage_dir)
   ckpt = checkpoint.Checkpointer(stage_dir / "checkpoints", keep=keep)
+  # Wrapped before a restore: set_state then drops whatever was read ahead.
+  batches = prefetch.device_prefetch(batches, mesh, size=prefetch_size)
+  constants = dict(constants or {})
   elapsed0 = 0.0
   window = []  # host metrics of each step since the last metrics line
   recent = collections.deque(maxlen=log_every)  # last losses; their mean ranks the 'best' ckpt
@@ -190,7 +196,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
         stopped_by = "time"
         break
       try:
-        host_batch = next(batches)
+        batch = next(batches)
       except Exception:  # pylint: disable=broad-except
         # A scheduler's SIGTERM to the process group also stops grain's worker processes, and
         # the iterator may fail before the flag is looked at: still save the state we have.
@@ -200,9 +206,8 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
         ckpt.close()
         raise Preempted(f"[{name}] SIGTERM at step {step} (data workers stopped): checkpoint "
                         f"saved, rerun to resume") from None
-      ids = np.asarray(host_batch.pop("index"))
-      batch = sharding.put_batch(host_batch, mesh)
-      state, metrics = jstep(state, batch, jax.random.fold_in(rng, step))
+      ids = np.asarray(batch.pop("index"))
+      state, metrics = jstep(state, {**batch, **constants}, jax.random.fold_in(rng, step))
       step += 1
       pending.append((step, ids, metrics))
       if step % log_every == 0 or step == total_steps:

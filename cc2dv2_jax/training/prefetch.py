@@ -41,6 +41,7 @@ class DevicePrefetch:
     self._host_keys = tuple(host_keys)
     self._queue = collections.deque()  # (iterator state after this batch, batch on device)
     self._done = False
+    self._error = None  # raised by a read-ahead; re-raised when the caller asks for that batch
     self._has_state = hasattr(iterator, "get_state")
     self._consumed_state = iterator.get_state() if self._has_state else None
 
@@ -54,7 +55,7 @@ class DevicePrefetch:
     return {**dev, **host}
 
   def _fill(self):
-    while not self._done and len(self._queue) < self._size:
+    while not self._done and self._error is None and len(self._queue) < self._size:
       try:
         host_batch = next(self._it)
       except StopIteration:
@@ -64,13 +65,22 @@ class DevicePrefetch:
       self._queue.append((state, self._put(host_batch)))
 
   def __next__(self):
-    self._fill()
     if not self._queue:
-      raise StopIteration
+      if self._error is not None:
+        error, self._error = self._error, None
+        raise error
+      self._fill()  # a failure here loses nothing: no batch was handed out
+      if not self._queue:
+        raise StopIteration
     state, batch = self._queue.popleft()
     self._consumed_state = state
-    # Start the next copy now, before the caller dispatches its step on `batch`.
-    self._fill()
+    # Start the next copy now, before the caller dispatches its step on `batch`. A failing
+    # read-ahead (e.g. data workers stopped by SIGTERM) must not lose the batches already read,
+    # which get_state() will count as consumed: they are handed out first, then it is raised.
+    try:
+      self._fill()
+    except Exception as e:  # pylint: disable=broad-except
+      self._error = e
     return batch
 
   def get_state(self):
@@ -84,6 +94,7 @@ class DevicePrefetch:
     self._it.set_state(state)
     self._queue.clear()
     self._done = False
+    self._error = None
     self._consumed_state = state
 
 

@@ -7,6 +7,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cc2dv2_jax import distributed
@@ -17,6 +18,7 @@ from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import ssl_net
 from cc2dv2_jax.models import torch_mapping
 from cc2dv2_jax.training import checkpoint
+from cc2dv2_jax.training import device_augment
 from cc2dv2_jax.training import inputs
 from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import optim
@@ -63,8 +65,21 @@ def loss_kwargs(config):
               use_rdb=s.rdb.enabled, window=s.window, nearby=s.nearby)
 
 
+AUGMENT_CHOICES = ("host", "device")
+
+
+def augment_on_device(config):
+  if config.ssl.augment not in AUGMENT_CHOICES:
+    raise ValueError(f"ssl.augment={config.ssl.augment!r}; choose from {AUGMENT_CHOICES}")
+  return config.ssl.augment == "device"
+
+
 def make_train_step(config, tx):
   """Pure (state, batch, rng) -> (state, metrics); the caller jits and shards it.
+
+  batch: the host pipeline's examples (image, patch, raw_yx, patch_yx; see pipeline.ssl_dataset)
+  or, with ssl.augment="device", {"row": int32 [B], "pool": uint8 [N, H, W]} from which the
+  step draws its examples with `rng` (training/device_augment.py).
 
   The image batch and the patch batch go through the encoder in two calls, as in the reference,
   so BatchNorm sees each batch's own statistics and the running averages move twice per step.
@@ -72,9 +87,15 @@ def make_train_step(config, tx):
   net, patch_net = build_models(config)
   kw = loss_kwargs(config)
   imagenet = config.model.imagenet_norm
+  sc = config.ssl
+  on_device = augment_on_device(config)
 
   def step(state, batch, rng):
-    del rng  # augmentation runs in the input pipeline; kept for the common step signature
+    if on_device:
+      batch = device_augment.ssl_examples(
+          batch["pool"], batch["row"], rng, patch_size=sc.patch_size,
+          margin_frac=sc.anchor_margin, brightness=sc.brightness, contrast=sc.contrast,
+          max_rotation_deg=sc.max_rotation_deg)
     image = inputs.scale_input(batch["image"], STAGE, imagenet)
     patch = inputs.scale_input(batch["patch"], STAGE, imagenet)
 
@@ -100,8 +121,8 @@ def make_train_step(config, tx):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    for i, s in enumerate(ssl_net.STRIDES):
-      metrics[f"loss_s{s}"] = per_layer[i]
+    for i, stride in enumerate(ssl_net.STRIDES):
+      metrics[f"loss_s{stride}"] = per_layer[i]
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
     return new_state, metrics
@@ -134,12 +155,29 @@ def make_batches(config, cache, rows, process_index=0, process_count=1):
   one process (tests/test_multihost.py checks this bit for bit against 4 devices in one process).
   """
   s = config.ssl
+  if augment_on_device(config):
+    return pipeline.ssl_rows_dataset(
+        rows, seed=config.seed, batch_size=s.batch_size // process_count,
+        repeats_per_epoch=s.repeats, shard_index=process_index, shard_count=process_count)
   return pipeline.ssl_dataset(
       cache.images_path, seed=config.seed, batch_size=s.batch_size // process_count,
       indices=rows, patch_size=s.patch_size, margin_frac=s.anchor_margin,
       brightness=s.brightness, contrast=s.contrast, max_rotation_deg=s.max_rotation_deg,
       repeats_per_epoch=s.repeats, shard_index=process_index, shard_count=process_count,
       num_workers=config.data.num_workers)
+
+
+def device_pool(config, cache, rows, mesh):
+  """{"pool": uint8 [len(rows), H, W]} replicated on `mesh` for on-device augmentation, else {}.
+
+  Every process holds every training image (22 MB for ISBI at 384): any device may draw any row.
+  """
+  if not augment_on_device(config):
+    return {}
+  device_augment.check_geometry(tuple(cache.size_hw), config.ssl.patch_size,
+                                config.ssl.anchor_margin)
+  images = np.load(cache.images_path, mmap_mode="r")
+  return {"pool": sharding.put_replicated(np.ascontiguousarray(images[np.asarray(rows)]), mesh)}
 
 
 def export_dir(workdir):
@@ -165,7 +203,8 @@ def run(config, workdir):
     s = config.ssl
     state, info = loop.train_loop(
         name=STAGE, state=state, step_fn=make_train_step(config, tx), batches=batches,
-        mesh=mesh, stage_dir=stage_dir, total_steps=total, log_every=s.log_every,
+        mesh=mesh, constants=device_pool(config, cache, rows, mesh), stage_dir=stage_dir,
+        total_steps=total, log_every=s.log_every,
         ckpt_every=s.ckpt_every, keep=s.keep_checkpoints, max_seconds=s.max_seconds,
         seed=config.seed, row_ids=cache.ids)
     variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
