@@ -146,7 +146,8 @@ EOF
     ARGS="$ARGS,tpl_minutes=${TPL_MIN:-4},tpl_step_ms=${TPL_MS:-20}"
     WD=/tmp/cc2d_fast
     STAGE=ssl
-    [ "$MODE" = fast_rest ] && STAGE=all
+    FRESH=(--overwrite)  # fast_ssl starts over whatever an earlier call left in $WD
+    if [ "$MODE" = fast_rest ]; then STAGE=all; FRESH=(); fi
     echo "== [$(elapsed)s] main --stage=$STAGE --config=configs/ceph_fast.py:$ARGS"
     if [ "${GPU_CHECK_DRYRUN:-0}" = 1 ]; then
       EXTRA+=(--config.model.width=0.125 --config.model.embed_dim=16 --config.ssl.batch_size=4
@@ -155,7 +156,7 @@ EOF
       WD=/tmp/cc2d_fast_dryrun
     fi
     timeout --signal=TERM --kill-after=20 570 python3 -m cc2dv2_jax.main \
-      --config="configs/ceph_fast.py:$ARGS" "${EXTRA[@]}" --workdir="$WD" --stage="$STAGE"
+      --config="configs/ceph_fast.py:$ARGS" "${EXTRA[@]}" --workdir="$WD" --stage="$STAGE" "${FRESH[@]}"
     rc=$?
     echo "== [$(elapsed)s] exit $rc"
     for s in ssl tpl; do

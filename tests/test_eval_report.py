@@ -147,3 +147,12 @@ def test_plot_helpers(tmp_path):
   a = _png(p)
   assert a.shape[1] == 200 and a.shape[0] > 300
   assert _has_colour(a, plots.LINE_COLOUR, tol=40)
+  # A square grid copy drawn in its original's aspect (2400 x 1935, as ISBI): 900 px high, the
+  # prediction at the grid's centre lands at the picture's centre.
+  grid = np.zeros((64, 64), np.uint8)
+  p = plots.overlay(grid, [[31.5, 31.5]], None, str(tmp_path / "d.png"), display_hw=(2400, 1935))
+  a = _png(p)
+  assert a.shape[1] == round(1935 * 900 / 2400)
+  header = a.shape[0] - 900
+  red = np.argwhere(np.all(np.abs(a[header:].astype(int) - plots.PRED_COLOUR) < 40, axis=-1))
+  np.testing.assert_allclose(red.mean(0), [450, a.shape[1] / 2], atol=3)

@@ -61,7 +61,8 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
                         preds=dict(zip(ids, preds)),
                         gts={i: g for i, g, has in zip(ids, cache.gt_grid_yx(config.data.gt)[rows],
                                                         labelled) if has},
-                        overlay_ids="auto" if config.eval.overlays else None)
+                        overlay_ids="auto" if config.eval.overlays else None,
+                        display_hw=dict(zip(ids, cache.orig_hw[rows])))
     report.write_predictions(tmp_dir / "predictions.csv", ids, [cache.splits[r] for r in rows],
                              labelled, preds, cache.orig_hw[rows], cache.size_hw)
     cache_lib.replace_dir(tmp_dir, final_dir)

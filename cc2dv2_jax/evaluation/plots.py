@@ -335,7 +335,8 @@ def _to_rgb_image(image):
   raise ValueError(f"image must be [H, W], [H, W, 1] or [H, W, 3], got shape {a.shape}")
 
 
-def overlay(image, pred_yx, gt_yx, path, scale=None, *, title=None, numbers=True):
+def overlay(image, pred_yx, gt_yx, path, scale=None, *, title=None, numbers=True,
+            display_hw=None):
   """Draws predictions (red crosses, 1-based numbers) and GT (green dots) on an image.
 
   Args:
@@ -345,13 +346,19 @@ def overlay(image, pred_yx, gt_yx, path, scale=None, *, title=None, numbers=True
     path: PNG file.
     scale: output magnification; default makes the longer side about 900 px.
     title: optional text drawn at the top left.
+    display_hw: (H, W) whose aspect ratio the picture gets, e.g. the original image's when
+      `image` is its square training-grid copy; default the image's own.
   Returns the path.
   """
   base = _to_rgb_image(image)
   h0, w0 = base.height, base.width
+  # Anisotropic when display_hw has another aspect: px() below scales each axis on its own.
+  dh, dw = (h0, w0) if display_hw is None else (float(display_hw[0]), float(display_hw[1]))
   if scale is None:
-    scale = 900.0 / max(h0, w0)
-  w, h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    scale = 900.0 / max(dh, dw)
+  else:
+    scale *= max(h0, w0) / max(dh, dw)
+  w, h = max(1, round(dw * scale)), max(1, round(dh * scale))
   img = base.resize((w, h), Image.BILINEAR) if (w, h) != (w0, h0) else base.copy()
   d = ImageDraw.Draw(img)
   sx, sy = w / w0, h / h0

@@ -186,7 +186,8 @@ def write_predictions(path, ids, splits, labelled, pred_grid_yx, orig_hw, grid_h
   return path
 
 
-def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay_ids="auto"):
+def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay_ids="auto",
+                 display_hw=None):
   """Writes the evaluation report folder.
 
   Args:
@@ -199,6 +200,8 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
       row positions, or None for no overlays. Overlays need `images` and `preds`. With no scored
       image, 'auto' draws the predictions (no GT) of the first 3 images of `images` given as
       {id: image} (`preds` then keyed by id too).
+    display_hw: optional (H, W) per image (as `images`) whose aspect the overlay takes: the
+      original image size when `images` are the square training-grid copies.
   Files: results.json, results.md, sdr_vs_radius.png, per_landmark_error.png (not without scored
   images), overlays/<id>.png.
   Returns {name: path} of the files written.
@@ -213,7 +216,8 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   protos = _protocols(results)
   radii = results["radii"]
   if _no_ground_truth(results):
-    return _write_unscored_report(results, out_dir, written, images, preds, overlay_ids)
+    return _write_unscored_report(results, out_dir, written, images, preds, overlay_ids,
+                                  display_hw)
   series = {}
   for proto in protos:
     for split, s in results["summary"][proto].items():
@@ -251,7 +255,8 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
         if v is not None and len(v) > row:
           parts.append(f"{PROTOCOL_TITLES.get(proto, proto)} MRE {_num(v[row])} {unit}")
       path = os.path.join(out_dir, "overlays", _safe_name(key) + ".png")
-      plots.overlay(img, pred, gt, path, title="   ".join(parts))
+      plots.overlay(img, pred, gt, path, title="   ".join(parts),
+                    display_hw=_pick(display_hw, row, key))
       overlay_paths.append(path)
   written["overlays"] = overlay_paths
 
@@ -278,7 +283,7 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   return written
 
 
-def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids):
+def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids, display_hw):
   """write_report without ground truth: a results.md that says so, prediction overlays only."""
   overlay_paths = []
   if isinstance(images, dict) and preds is not None and overlay_ids is not None:
@@ -290,7 +295,7 @@ def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids
     for key in keys:
       path = os.path.join(out_dir, "overlays", _safe_name(key) + ".png")
       plots.overlay(images[key], _pick(preds, None, key), None, path,
-                    title=f"{key}   (no ground truth)")
+                    title=f"{key}   (no ground truth)", display_hw=_pick(display_hw, None, key))
       overlay_paths.append(path)
   written["overlays"] = overlay_paths
   md = ["# Evaluation results", "", unscored_note(results), "",
