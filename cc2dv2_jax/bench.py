@@ -41,6 +41,7 @@ A section that fails records {"error": ...} and the others still run; the exit s
 """
 import contextlib
 import datetime
+import functools
 import glob
 import json
 import math
@@ -161,9 +162,16 @@ def _tflops(flops, seconds):
 
 
 def _lower_compile(jitted, *args):
-  """Lowers and compiles; returns (lowered, compiled, trace_s, compile_s)."""
+  """Lowers and compiles; returns (lowered, compiled, trace_s, compile_s).
+
+  `jitted` may be a functools.partial of a jitted function (its keywords static), as the
+  predictors hold them; the compiled program then takes the remaining arguments only.
+  """
   t0 = time.perf_counter()
-  lowered = jitted.lower(*args)
+  if isinstance(jitted, functools.partial):
+    lowered = jitted.func.lower(*jitted.args, *args, **jitted.keywords)
+  else:
+    lowered = jitted.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()

@@ -295,3 +295,24 @@ def test_predict_clear_errors(tmp_path, ssl_workdir, config):
   given = _given_config(tmp_path / "x.png", tmp_path / "out")
   with pytest.raises(ConfigError, match="no trained model"):
     predict.run(given, tmp_path)
+
+
+def test_predictors_share_one_compiled_program():
+  """A second predictor of the same network (other weights, other template) compiles nothing:
+  pseudo-labels, evaluation and figures of one run use one program."""
+  from cc2dv2_jax.inference import predictors  # pylint: disable=g-import-not-at-top
+  from cc2dv2_jax.models import host_init  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  net, _ = ssl.build_models(config)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
+  template_yx = np.array([[10, 12], [40, 30]])
+  outs = []
+  for seed in (0, 1):
+    variables = host_init.init_variables(net, (1, 64, 64, 1), seed=seed)
+    p = predictors.SSLPredictor(net, variables, images[seed], template_yx, batch_size=4)
+    outs.append(p(images))
+    if seed == 0:
+      compiled = predictors._ssl_predict._cache_size()  # pylint: disable=protected-access
+  assert predictors._ssl_predict._cache_size() == compiled  # pylint: disable=protected-access
+  assert outs[0].shape == (4, 2, 2) and not np.array_equal(outs[0], outs[1])

@@ -3,6 +3,7 @@
 Both predictors pad the last batch to a fixed size (one compilation) and a multiple of the device
 count, and shard images over all devices, so inference scales with the devices like training.
 """
+import functools
 import math
 
 import jax
@@ -33,6 +34,33 @@ def _batched(fn, images, batch_size, mesh, desc):
   return np.concatenate(outs) if outs else np.zeros((0,), np.int32)
 
 
+# Module-level jitted functions with the network and settings as static arguments (flax modules
+# hash by their fields): predictors built one after the other in a process (pseudo-labels, then
+# evaluation, then figures) reuse one compiled program instead of compiling their own.
+
+
+@functools.partial(jax.jit, static_argnames=("net", "imagenet_norm"))
+def _ssl_features(variables, images_uint8, *, net, imagenet_norm):
+  x = inputs.scale_input(inputs.to_unit(images_uint8), "ssl", imagenet_norm)
+  return net.apply(variables, x, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=("net", "imagenet_norm", "size_hw", "mode"))
+def _ssl_predict(variables, template_feats, images_uint8, *, net, imagenet_norm, size_hw, mode):
+  feats = _ssl_features(variables, images_uint8, net=net, imagenet_norm=imagenet_norm)
+  return matching.match(feats, template_feats, size_hw, mode=mode)
+
+
+@functools.partial(jax.jit, static_argnames=("net", "imagenet_norm", "num_landmarks", "radius"))
+def _tpl_predict(variables, images_uint8, *, net, imagenet_norm, num_landmarks, radius):
+  x = inputs.scale_input(inputs.to_unit(images_uint8), "tpl", imagenet_norm)
+  out = net.apply(variables, x, train=False)
+  heat, off_y, off_x = tpl_net.split_tpl_output(out, num_landmarks)
+  pred, _ = voting.vote(jax.nn.sigmoid(heat.astype(jnp.float32)), off_y.astype(jnp.float32),
+                        off_x.astype(jnp.float32), radius)
+  return pred
+
+
 class SSLPredictor:
   """Template matching with a trained SSL encoder (REFERENCE.md section 3).
 
@@ -52,19 +80,12 @@ class SSLPredictor:
     self.batch_size = batch_size
     self.mesh = mesh or sharding.make_mesh()
     # Jitted: op-by-op dispatch of the encoder costs seconds per call on a CPU.
-    self._jfeatures = jax.jit(self._features)
+    self._jfeatures = functools.partial(_ssl_features, net=net, imagenet_norm=imagenet_norm)
     feats = self._jfeatures(variables, jnp.asarray(template_image)[None])
     self.template_feats = matching.template_features(feats, jnp.asarray(template_yx),
                                                      self.size_hw)
-    self._predict = jax.jit(self._predict_fn)
-
-  def _features(self, variables, images_uint8):
-    x = inputs.scale_input(inputs.to_unit(images_uint8), "ssl", self.imagenet_norm)
-    return self.net.apply(variables, x, train=False)
-
-  def _predict_fn(self, variables, template_feats, images_uint8):
-    feats = self._features(variables, images_uint8)
-    return matching.match(feats, template_feats, self.size_hw, mode=self.mode)
+    self._predict = functools.partial(_ssl_predict, net=net, imagenet_norm=imagenet_norm,
+                                      size_hw=self.size_hw, mode=mode)
 
   def __call__(self, images, desc="ssl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x] on the same grid."""
@@ -89,15 +110,8 @@ class TPLPredictor:
     self.imagenet_norm = imagenet_norm
     self.batch_size = batch_size
     self.mesh = mesh or sharding.make_mesh()
-    self._predict = jax.jit(self._predict_fn)
-
-  def _predict_fn(self, variables, images_uint8):
-    x = inputs.scale_input(inputs.to_unit(images_uint8), "tpl", self.imagenet_norm)
-    out = self.net.apply(variables, x, train=False)
-    heat, off_y, off_x = tpl_net.split_tpl_output(out, self.num_landmarks)
-    pred, _ = voting.vote(jax.nn.sigmoid(heat.astype(jnp.float32)), off_y.astype(jnp.float32),
-                          off_x.astype(jnp.float32), self.radius)
-    return pred
+    self._predict = functools.partial(_tpl_predict, net=net, imagenet_norm=imagenet_norm,
+                                      num_landmarks=num_landmarks, radius=radius)
 
   def __call__(self, images, desc="tpl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x]."""
