@@ -79,12 +79,9 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
   sdr}, "fullres": {...}, "splits": {protocol: {split: mre}}}], "num_templates", "num_images",
   "split", "unit", "spread": {protocol: {mean, std, min, max}}, "seconds"}.
   """
-  import jax.numpy as jnp
   from cc2dv2_jax.data import dataset
   from cc2dv2_jax.evaluation import metrics
-  from cc2dv2_jax.inference import matching
   from cc2dv2_jax.inference import restore
-  from cc2dv2_jax.training import inputs
 
   t0 = time.time()
   workdir = pathlib.Path(workdir)
@@ -111,14 +108,9 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
   per_template = []
   for tid in ids:
     t = cache.row_of(tid)
-    # The same eager computation as SSLPredictor.__init__, so that the run's own template gives
-    # exactly the run's evaluation; only the template features change between templates (one
-    # compiled predictor for all).
-    x = inputs.scale_input(inputs.to_unit(jnp.asarray(cache.images[t])[None]), "ssl",
-                           config.model.imagenet_norm)
-    feats = predictor.net.apply(predictor.variables, x, train=False)
-    predictor.template_feats = matching.template_features(feats, jnp.asarray(gt_grid[t]),
-                                                          tuple(cache.size_hw))
+    # Only the template features change between templates (one compiled predictor for all),
+    # computed as the predictor computed the run's own, so that one reproduces the run's evaluation.
+    predictor.set_template(cache.images[t], gt_grid[t])
     preds = predictor(images, desc=f"template {tid}")
     res = metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
     entry = {"id": tid, "configured": tid == configured, "unit": res["unit"]}

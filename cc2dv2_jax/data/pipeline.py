@@ -26,11 +26,12 @@ from cc2dv2_jax.data import augment
 
 
 def _check_indices(indices, n, what):
+  """int64 [K] rows: `indices` (default all n), non-empty, in [0, n) ([0, inf) when n is None)."""
   idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
   if idx.ndim != 1 or idx.size == 0:
     raise ValueError(f"{what}: indices must be a non-empty 1-D list, got shape {idx.shape}")
-  if idx.min() < 0 or idx.max() >= n:
-    raise ValueError(f"{what}: indices out of range [0, {n})")
+  if idx.min() < 0 or (n is not None and idx.max() >= n):
+    raise ValueError(f"{what}: indices out of range [0, {n if n is not None else 'inf'})")
   return idx
 
 
@@ -145,9 +146,7 @@ class RowSource:
   """
 
   def __init__(self, indices):
-    self._indices = np.asarray(indices, dtype=np.int64)
-    if self._indices.ndim != 1 or self._indices.size == 0:
-      raise ValueError(f"RowSource: indices must be a non-empty 1-D list, got {self._indices.shape}")
+    self._indices = _check_indices(indices, None, "RowSource")
 
   def __len__(self):
     return len(self._indices)

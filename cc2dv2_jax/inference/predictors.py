@@ -81,11 +81,16 @@ class SSLPredictor:
     self.mesh = mesh or sharding.make_mesh()
     # Jitted: op-by-op dispatch of the encoder costs seconds per call on a CPU.
     self._jfeatures = functools.partial(_ssl_features, net=net, imagenet_norm=imagenet_norm)
-    feats = self._jfeatures(variables, jnp.asarray(template_image)[None])
-    self.template_feats = matching.template_features(feats, jnp.asarray(template_yx),
-                                                     self.size_hw)
+    self.set_template(template_image, template_yx)
     self._predict = functools.partial(_ssl_predict, net=net, imagenet_norm=imagenet_norm,
                                       size_hw=self.size_hw, mode=mode)
+
+  def set_template(self, template_image, template_yx):
+    """Matches against another template (uint8 [H, W] on the same grid, int [L, 2] [y, x]);
+    the compiled programs stay."""
+    feats = self._jfeatures(self.variables, jnp.asarray(template_image)[None])
+    self.template_feats = matching.template_features(feats, jnp.asarray(template_yx),
+                                                     self.size_hw)
 
   def __call__(self, images, desc="ssl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x] on the same grid."""
