@@ -104,6 +104,10 @@ def _problems(config):
   need(_get(config, "ssl.inference") in ("product", "coarse_to_fine"), "ssl.inference",
        "choose from product, coarse_to_fine")
   positive("tpl.radius_frac")
+  for key in ("rotation_deg", "scale", "translate", "brightness", "contrast"):
+    positive(f"tpl.augment.{key}", allow_zero=True)
+  scale = _get(config, "tpl.augment.scale", 0)
+  need(not isinstance(scale, (int, float)) or scale < 1, "tpl.augment.scale", "must be < 1")
   need(_get(config, "eval.split") in EVAL_SPLITS, "eval.split", f"choose from {EVAL_SPLITS}")
   radii = _get(config, "eval.radii")
   try:
@@ -145,9 +149,10 @@ def _check_prerequisites(stage, workdir):
 def run(config, workdir, stage, overwrite=False):
   """Checks workdir, config and dataset for `stage`; raises ConfigError / DataError.
 
-  Writes nothing except, once the data is valid, the prepared data cache (atomically) and, for
-  phantom configs, the generated phantoms; with `overwrite`, a different config's outputs are
-  removed from the workdir first (workdir.clear_other_run).
+  Writes nothing except, once the data is valid, the prepared data cache (atomically), the
+  workdir's config.json and, for phantom configs, the generated phantoms; with `overwrite`, the
+  outputs of the stages whose config changed are removed from the workdir first
+  (workdir.clear_stale).
   Returns the loaded data cache (None for stages that need no dataset).
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -159,8 +164,12 @@ def run(config, workdir, stage, overwrite=False):
   workdir_lib.check(workdir, config, overwrite)
   if overwrite:
     if jax.process_index() == 0:
-      workdir_lib.clear_other_run(workdir, config)
-    distributed.sync("clear_other_run")
+      workdir_lib.clear_stale(workdir, config)
+    distributed.sync("clear_stale")
   _check_prerequisites(stage, workdir)
   from cc2dv2_jax.data import dataset  # pylint: disable=g-import-not-at-top
-  return dataset.ensure_cache(config, workdir, jax.process_index())
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
+  # Recorded here, not only by the stage: otherwise the stage's own workdir check would find the
+  # old record and, with --overwrite, remove the data cache just rebuilt for the new config.
+  workdir_lib.record(workdir, config)
+  return cache

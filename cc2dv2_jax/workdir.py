@@ -1,9 +1,16 @@
-"""The workdir's identity: the config that made it, so a rerun never mixes two different runs.
+"""The workdir's identity: the config that made its outputs, stage by stage.
 
-`check` (no writes) runs before anything else; `record` writes config.json once the config and
-the dataset passed validation, so a run refused for bad input leaves no claim on its workdir.
-With `overwrite`, a workdir of another config has that run's outputs removed first (they would
-otherwise be reused as if they came from the new config).
+config.json records the config of the run; every output in the workdir was made by it. A new
+config is compared with it key by key; each key belongs to a group (`GROUPS`) and each output
+lists the groups its content depends on (`OUTPUTS`), so a change removes exactly the outputs that
+depend on it: `tpl.*` redoes TPL and the summary and keeps the data cache, the SSL model, the
+SSL-only evaluation and the pseudo-labels; `ssl.*` (or `model.*`, `seed`) redoes SSL and
+everything after; `data.*` redoes everything; `eval.*` only the evaluations.
+
+`check` (no writes) runs before anything else: it refuses a config whose change would invalidate
+outputs that exist, unless `overwrite`; `clear_stale` then removes exactly those outputs; `record`
+writes config.json once config and dataset passed validation, so a run refused for bad input
+leaves no claim on its workdir.
 """
 import json
 import os
@@ -20,14 +27,37 @@ from cc2dv2_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 # Settings that change how a run is executed or reported, not what it computes.
-_IGNORED = ("ssl.per_device_batch_size", "tpl.per_device_batch_size", "stage", "compile_cache", "distributed", "data.num_workers", "data.cache_dir",
-            "predict", "ssl.log_every", "ssl.ckpt_every", "ssl.keep_checkpoints", "ssl.max_seconds",
-            "ssl.infer_batch_size", "tpl.log_every", "tpl.ckpt_every", "tpl.keep_checkpoints",
+_IGNORED = ("ssl.per_device_batch_size", "tpl.per_device_batch_size", "stage", "compile_cache",
+            "distributed", "data.num_workers", "data.cache_dir", "predict", "ssl.log_every",
+            "ssl.ckpt_every", "ssl.keep_checkpoints", "ssl.max_seconds", "ssl.infer_batch_size",
+            "ssl.eval_at_end", "tpl.log_every", "tpl.ckpt_every", "tpl.keep_checkpoints",
             "tpl.max_seconds", "tpl.infer_batch_size", "eval.overlays")
-# What a run of another config leaves that --overwrite removes. data_cache and phantoms only when a
-# data setting differs (they are the slow part to rebuild and depend on nothing else).
-_RUN_OUTPUTS = ("ssl", "pseudo", "tpl", "eval")
-_DATA_OUTPUTS = ("data_cache", "phantoms")
+# Config groups, in the order their stages run: the data, SSL training, template matching
+# (pseudo-labels and the SSL-only evaluation), TPL training, the evaluation settings.
+GROUPS = ("data", "ssl", "pseudo", "tpl", "eval")
+# The group of a key: its longest listed prefix; keys not listed (model.*, seed) belong to "ssl".
+_GROUP_OF = (
+    ("data", "data"),
+    # The template and the ground truth are not used to train SSL, only from matching on.
+    ("data.template_id", "pseudo"),
+    ("data.gt", "pseudo"),
+    ("ssl", "ssl"),
+    ("ssl.inference", "pseudo"),
+    ("tpl", "tpl"),
+    ("eval", "eval"),
+)
+# Each workdir entry with the config groups its content depends on.
+_ALL = frozenset(GROUPS)
+OUTPUTS = {
+    "data_cache": {"data"},
+    "phantoms": {"data"},
+    "ssl": {"data", "ssl"},  # checkpoints, export, metrics
+    "ssl/eval": {"data", "ssl", "pseudo", "eval"},
+    "pseudo": {"data", "ssl", "pseudo"},
+    "tpl": {"data", "ssl", "pseudo", "tpl"},
+    "tpl/eval": _ALL,
+    "eval": _ALL,
+}
 _TRASH = ".trash-"
 
 
@@ -42,6 +72,15 @@ def _flatten(d, prefix=""):
     else:
       out[key] = list(v) if isinstance(v, tuple) else v
   return out
+
+
+def group_of(key):
+  """The config group (`GROUPS`) of a dotted config key: which stages' outputs depend on it."""
+  best, group = -1, "ssl"
+  for prefix, g in _GROUP_OF:
+    if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > best:
+      best, group = len(prefix), g
+  return group
 
 
 def config_json(config):
@@ -61,7 +100,10 @@ def _check_writable(workdir):
 
 
 def config_diff(workdir, config):
-  """Keys whose values differ from the run recorded in `workdir` ([] when none or no record)."""
+  """[(key, recorded value, new value)] that differ from the run recorded in `workdir`.
+
+  [] when there is no record. An unreadable record raises ConfigError.
+  """
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return []
@@ -74,58 +116,91 @@ def config_diff(workdir, config):
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check(workdir, config, overwrite=False):
-  """Raises ConfigError unless `workdir` is writable and holds no run of another config.
+def changed_groups(diff):
+  """The config groups (in `GROUPS` order) that a config change `diff` touches."""
+  touched = {group_of(k) for k, _, _ in diff}
+  return [g for g in GROUPS if g in touched]
 
-  Writes nothing but (possibly) the empty workdir itself.
+
+def stale_outputs(workdir, groups):
+  """Existing workdir entries whose content depends on one of `groups`, outermost only (ssl, not
+  also ssl/eval inside it)."""
+  names = [n for n, deps in OUTPUTS.items() if deps & set(groups)]
+  names = [n for n in names if not any(n.startswith(o + "/") for o in names)]
+  return [n for n in names if (pathlib.Path(workdir) / n).exists()]
+
+
+def _kept(workdir, gone):
+  return [n for n in OUTPUTS if (pathlib.Path(workdir) / n).exists() and n not in gone
+          and not any(n.startswith(g + "/") or g.startswith(n + "/") for g in gone)]
+
+
+def _describe(diff, n=8):
+  shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:n])
+  return shown + (" ..." if len(diff) > n else "")
+
+
+def stale(workdir, config):
+  """(diff, changed groups, existing outputs that depend on them) of `config` against `workdir`.
+
+  An unreadable config.json counts as a change of every group.
+  """
+  try:
+    diff = config_diff(workdir, config)
+  except ConfigError:
+    diff = [("data.<unreadable config.json>", None, None)]
+  groups = changed_groups(diff)
+  return diff, groups, stale_outputs(workdir, groups)
+
+
+def check(workdir, config, overwrite=False):
+  """Raises ConfigError unless `workdir` is writable and `config` invalidates none of its outputs
+  (or `overwrite`). Writes nothing but (possibly) the empty workdir itself.
+
+  A changed config whose stages have no outputs yet is accepted: nothing would be lost.
   """
   workdir = pathlib.Path(workdir)
   _check_writable(workdir)
   if overwrite:
     return
-  diff = config_diff(workdir, config)
-  if diff:
-    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:8])
+  diff = config_diff(workdir, config)  # raises on an unreadable record
+  gone = stale_outputs(workdir, changed_groups(diff))
+  if gone:
+    kept = _kept(workdir, gone)
     raise ConfigError(
-        f"workdir {workdir} holds a run of a different config ({shown}"
-        f"{' ...' if len(diff) > 8 else ''}); use another --workdir or pass --overwrite")
+        f"workdir {workdir} holds a run of a different config ({_describe(diff)}); these outputs "
+        f"were made with the old values: {', '.join(gone)}. Use another --workdir, or pass "
+        f"--overwrite to remove them and redo those stages"
+        f"{' (kept: ' + ', '.join(kept) + ')' if kept else ''}")
 
 
-def clear_other_run(workdir, config):
-  """--overwrite: removes the outputs of a different config's run (and its config.json).
+def clear_stale(workdir, config):
+  """--overwrite: removes the outputs that `config` invalidates (and no others).
 
-  Stage outputs always; data_cache/ and phantoms/ only when a data.* setting differs. Each is
-  first renamed aside (atomic), so a kill leaves either the old output or none, never half; the
-  old config.json goes last, so a kill before it repeats the removal on the next --overwrite.
-  Returns the names removed.
+  Each is first renamed aside (atomic), so a kill leaves either the old output or none, never
+  half; config.json is rewritten only afterwards (by `record`), so a kill in between repeats the
+  removal on the next run. Returns the names removed.
   """
   workdir = pathlib.Path(workdir)
   for old in workdir.glob(_TRASH + "*"):  # left by a kill during an earlier removal
     shutil.rmtree(old, ignore_errors=True)
-  try:
-    diff = config_diff(workdir, config)
-  except ConfigError:  # unreadable record: nothing there can be trusted
-    diff = [("data.<unreadable config.json>", None, None)]
+  diff, groups, names = stale(workdir, config)
   if not diff:
     return []
-  data_changed = any(k.startswith("data.") for k, _, _ in diff)
-  names = _RUN_OUTPUTS + (_DATA_OUTPUTS if data_changed else ()) + (CONFIG_FILE,)
   trash = []
   for name in names:
-    path = workdir / name
-    if path.exists():
-      target = workdir / f"{_TRASH}{os.getpid()}-{name}"
-      os.replace(path, target)
-      trash.append((name, target))
-  for _, target in trash:
+    target = workdir / f"{_TRASH}{os.getpid()}-{name.replace('/', '-')}"
+    os.replace(workdir / name, target)
+    trash.append(target)
+  for target in trash:
     if target.is_dir():
       shutil.rmtree(target, ignore_errors=True)
     else:
       target.unlink(missing_ok=True)
-  removed = [n for n, _ in trash if n != CONFIG_FILE]
-  logging.warning("--overwrite: workdir %s held a run of another config (%s); removed %s",
-                  workdir, ", ".join(k for k, _, _ in diff[:8]), removed or "nothing")
-  return removed
+  logging.warning("--overwrite: config changed (%s; %s settings): removed %s, to be redone; "
+                  "kept %s", _describe(diff), ", ".join(groups), ", ".join(names) or "nothing",
+                  ", ".join(_kept(workdir, names)) or "nothing")
+  return names
 
 
 def record(workdir, config):
@@ -135,12 +210,9 @@ def record(workdir, config):
 
 
 def prepare(workdir, config, overwrite=False):
-  """Creates `workdir`, checks it is writable and holds no run of another config, records config.
-
-  Raises ConfigError naming the differing keys unless `overwrite`; with `overwrite` the other
-  run's outputs are removed first (see clear_other_run).
-  """
+  """Creates `workdir`, checks it against `config` (see `check`), removes stale outputs when
+  `overwrite`, and records the config."""
   check(workdir, config, overwrite)
   if overwrite:
-    clear_other_run(workdir, config)
+    clear_stale(workdir, config)
   record(workdir, config)

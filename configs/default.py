@@ -81,6 +81,10 @@ def get_config():
       # train from random init unless model.pretrained_vgg is given, see training/tpl.py).
       init_from_ssl=True,
       heat_prior=0.0,  # >0: initial heatmap probability (bias prior); 0 = reference init
+      # Random similarity transform + intensity jitter of every TPL image, the template included
+      # (data/tpl_augment.py). Off = the reference, which trains TPL on unaugmented images.
+      augment=dict(enabled=False, rotation_deg=10.0, scale=0.1, translate=0.05, brightness=0.15,
+                   contrast=0.25),
       epochs=90,
       repeats=10,
       iters_per_epoch=500,  # the reference counts 500 iterations per epoch

@@ -20,7 +20,6 @@ from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import isbi
 from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.data import phantoms
-from cc2dv2_jax.data import pipeline
 from cc2dv2_jax.errors import DataError
 from cc2dv2_jax.inference import restore
 from cc2dv2_jax.training import ssl
@@ -230,9 +229,7 @@ def test_one_shot_pipeline(one_shot_run):
   # A TPL batch as tpl.run builds it: pseudo-labels of the (unlabelled) training images on the
   # grid, then the template with its true landmarks.
   labels = tpl.load_pseudo_labels(workdir, cache)
-  t = cache.row_of("001")
-  batches = pipeline.tpl_dataset(cache.images_path, labels, seed=0, batch_size=3, indices=train)
-  b = next(tpl.WithTemplate(iter(batches), cache.images[t], cache.gt_grid_yx(config.data.gt)[t]))
+  b = next(tpl.make_batches(config, cache, labels))
   lm = b["landmarks_yx"]
   assert lm.shape == (4, 8, 2) and (lm >= 0).all() and (lm < 64).all()
   np.testing.assert_array_equal(lm[:3], labels[b["index"][:3]])

@@ -20,6 +20,7 @@ import numpy as np
 
 from cc2dv2_jax import errors
 from cc2dv2_jax.data import augment
+from cc2dv2_jax.data import tpl_augment
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -200,11 +201,47 @@ def _to_float_image(record):
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TPLTransform:
+  """grain random map: {"image" uint8 [H,W], "landmarks_yx", "index"} -> augmented float example."""
+
+  augment: tpl_augment.TPLAugment
+
+  def __call__(self, record, rng):
+    image, yx = tpl_augment.augment_example(record["image"], record["landmarks_yx"], rng,
+                                            self.augment)
+    return {"image": image[..., None], "landmarks_yx": yx, "index": np.int32(record["index"])}
+
+
+class AppendTemplate:
+  """Batch map: appends the template with its true labels as the last row (index -1) of a batch.
+
+  With `augment`, the template is augmented afresh for every batch (grain's per-batch RNG), as the
+  pseudo-labelled images are; without, it is the same unaugmented image every step (reference).
+  """
+
+  def __init__(self, image, landmarks_yx, augment=None):
+    self.image = np.asarray(image, np.uint8)
+    self.landmarks_yx = np.asarray(landmarks_yx, np.int32)
+    self.augment = augment
+
+  def __call__(self, batch, rng=None):
+    if self.augment is None:
+      image = self.image.astype(np.float32) / np.float32(255.0)
+      yx = self.landmarks_yx
+    else:
+      image, yx = tpl_augment.augment_example(self.image, self.landmarks_yx, rng, self.augment)
+    return {"image": np.concatenate([batch["image"], image[None, ..., None]]),
+            "landmarks_yx": np.concatenate([batch["landmarks_yx"], yx[None]]),
+            "index": np.concatenate([batch["index"], np.int32([-1])])}
+
+
 # ------------------------------------------------------------------------------------ datasets
 
 
 def _finish(ds, *, seed, batch_size, repeats_per_epoch, num_epochs, shuffle, map_fn, random,
-            shard_index, shard_count, num_workers, num_threads, prefetch_buffer):
+            shard_index, shard_count, num_workers, num_threads, prefetch_buffer,
+            batch_fn=None, batch_fn_random=False):
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if repeats_per_epoch < 1:
@@ -221,6 +258,8 @@ def _finish(ds, *, seed, batch_size, repeats_per_epoch, num_epochs, shuffle, map
   ds = ds.random_map(map_fn) if random else ds.map(map_fn)
   # Batches span epoch boundaries, so only the final batch of a finite stream can be partial.
   ds = ds.batch(batch_size, drop_remainder=True)
+  if batch_fn is not None:
+    ds = ds.random_map(batch_fn) if batch_fn_random else ds.map(batch_fn)
   if shard_count > 1:
     # One process per host reads every shard_count-th batch: hosts see disjoint local batches.
     ds = ds[shard_index::shard_count]
@@ -286,18 +325,22 @@ def ssl_rows_dataset(indices, *, seed, batch_size, repeats_per_epoch=1, num_epoc
 
 def tpl_dataset(images, landmarks_grid_yx, *, seed, batch_size, indices=None,
                 repeats_per_epoch=1, num_epochs=None, shuffle=True, shard_index=0, shard_count=1,
-                num_workers=0, num_threads=1, prefetch_buffer=2):
-  """TPL training batches of (pseudo-)labelled images; no augmentation (REFERENCE.md section 4.4).
+                num_workers=0, num_threads=1, prefetch_buffer=2, template=None, augment=None):
+  """TPL training batches of (pseudo-)labelled images (REFERENCE.md section 4.4).
 
   Args:
     images: as ssl_dataset.
     landmarks_grid_yx: int [N, L, 2] landmarks on the image grid, indexed by image row.
     seed, batch_size, indices, repeats_per_epoch, num_epochs, shuffle, shard_*, num_workers,
       num_threads, prefetch_buffer: as ssl_dataset (reference: 10 repeats, batch 3 + template).
+    template: optional (uint8 [H, W] image, int [L, 2] true labels [y, x]) appended as the last
+      row of every batch (index -1), which then has batch_size + 1 rows.
+    augment: optional tpl_augment.TPLAugment applied to every image, the template included
+      (None: no augmentation, as the reference).
 
   Returns:
     grain.IterDataset of dicts: image float32 [B, H, W, 1] in [0, 1] (the trainer maps it to
-    [-1, 1]), landmarks_yx int32 [B, L, 2], index int32 [B]. The template is not appended here.
+    [-1, 1]), landmarks_yx int32 [B, L, 2], index int32 [B].
   """
   source = image_source(images, indices)
   lm = np.asarray(landmarks_grid_yx)
@@ -306,11 +349,14 @@ def tpl_dataset(images, landmarks_grid_yx, *, seed, batch_size, indices=None,
     raise ValueError(f"landmarks_grid_yx must be [N={n}, L, 2], got {lm.shape}")
   if not np.issubdtype(lm.dtype, np.integer):
     raise ValueError(f"landmarks_grid_yx must be integers, got {lm.dtype}")
+  append = None if template is None else AppendTemplate(*template, augment=augment)
   return _finish(
       grain.MapDataset.source(_WithLandmarks(source, lm)), seed=seed, batch_size=batch_size,
       repeats_per_epoch=repeats_per_epoch, num_epochs=num_epochs, shuffle=shuffle,
-      map_fn=_to_float_image, random=False, shard_index=shard_index, shard_count=shard_count,
-      num_workers=num_workers, num_threads=num_threads, prefetch_buffer=prefetch_buffer)
+      map_fn=_to_float_image if augment is None else TPLTransform(augment),
+      random=augment is not None, shard_index=shard_index, shard_count=shard_count,
+      num_workers=num_workers, num_threads=num_threads, prefetch_buffer=prefetch_buffer,
+      batch_fn=append, batch_fn_random=augment is not None)
 
 
 def eval_batches(images, indices, batch_size):

@@ -51,12 +51,22 @@ def _ssl_predict(variables, template_feats, images_uint8, *, net, imagenet_norm,
   return matching.match(feats, template_feats, size_hw, mode=mode)
 
 
-@functools.partial(jax.jit, static_argnames=("net", "imagenet_norm", "num_landmarks", "radius"))
-def _tpl_predict(variables, images_uint8, *, net, imagenet_norm, num_landmarks, radius):
+TPL_MODES = ("voting", "heatmap")
+
+
+@functools.partial(jax.jit, static_argnames=("net", "imagenet_norm", "num_landmarks", "radius",
+                                             "mode"))
+def _tpl_predict(variables, images_uint8, *, net, imagenet_norm, num_landmarks, radius,
+                 mode="voting"):
   x = inputs.scale_input(inputs.to_unit(images_uint8), "tpl", imagenet_norm)
   out = net.apply(variables, x, train=False)
   heat, off_y, off_x = tpl_net.split_tpl_output(out, num_landmarks)
-  pred, _ = voting.vote(jax.nn.sigmoid(heat.astype(jnp.float32)), off_y.astype(jnp.float32),
+  heat = heat.astype(jnp.float32)
+  if mode == "heatmap":  # the heatmap's own maximum, offsets unused
+    w = heat.shape[2]
+    idx = jnp.argmax(jnp.moveaxis(heat, -1, 1).reshape(heat.shape[0], num_landmarks, -1), -1)
+    return jnp.stack([idx // w, idx % w], -1).astype(jnp.int32)
+  pred, _ = voting.vote(jax.nn.sigmoid(heat), off_y.astype(jnp.float32),
                         off_x.astype(jnp.float32), radius)
   return pred
 
@@ -104,10 +114,15 @@ class SSLPredictor:
 
 
 class TPLPredictor:
-  """Heatmap + offset voting with a trained TPL network (REFERENCE.md 4.5)."""
+  """Heatmap + offset voting with a trained TPL network (REFERENCE.md 4.5).
+
+  mode: 'voting' (reference) or 'heatmap' (argmax of each heatmap; offsets unused).
+  """
 
   def __init__(self, net, variables, *, num_landmarks, radius, imagenet_norm=False,
-               batch_size=4, mesh=None):
+               batch_size=4, mesh=None, mode="voting"):
+    if mode not in TPL_MODES:
+      raise ValueError(f"mode must be one of {TPL_MODES}, got {mode!r}")
     self.net = net
     self.variables = variables
     self.num_landmarks = num_landmarks
@@ -116,7 +131,7 @@ class TPLPredictor:
     self.batch_size = batch_size
     self.mesh = mesh or sharding.make_mesh()
     self._predict = functools.partial(_tpl_predict, net=net, imagenet_norm=imagenet_norm,
-                                      num_landmarks=num_landmarks, radius=radius)
+                                      num_landmarks=num_landmarks, radius=radius, mode=mode)
 
   def __call__(self, images, desc="tpl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x]."""

@@ -1,7 +1,7 @@
 """Device prefetch: the next batches are copied to the device while the current step runs.
 
 `device_prefetch(batches, mesh)` wraps a host iterator of numpy dicts (a grain iterator, or
-tpl.WithTemplate) and yields the same dicts with their arrays already placed on `mesh` (sharded on
+tpl.ProcessSlice) and yields the same dicts with their arrays already placed on `mesh` (sharded on
 the leading axis, as `sharding.put_batch`), except the host-only keys ("index": the image rows the
 training loop keeps to name a batch that went non-finite), which stay numpy.
 

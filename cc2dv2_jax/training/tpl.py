@@ -15,6 +15,7 @@ import optax
 from cc2dv2_jax import distributed
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
+from cc2dv2_jax.data import tpl_augment
 from cc2dv2_jax.losses import tpl_loss
 from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import torch_mapping
@@ -96,17 +97,15 @@ def make_train_step(config, tx, size_hw):
   return step
 
 
-class WithTemplate:
-  """Appends the template (true labels) to every pseudo-labelled batch; keeps this process's rows.
+class ProcessSlice:
+  """Keeps this process's contiguous rows of every global batch (template row included).
 
-  Every process builds the same global batch (TPL has no augmentation, so this is cheap) and
-  keeps its contiguous slice, which is what `make_array_from_process_local_data` expects.
+  Every process builds the same global batch (cheap for TPL) and keeps its slice, which is what
+  `make_array_from_process_local_data` expects.
   """
 
-  def __init__(self, it, template_image, template_yx, process_index=0, process_count=1):
+  def __init__(self, it, process_index=0, process_count=1):
     self.it = it
-    self.image = np.asarray(template_image, np.float32)[None, :, :, None] / 255.0
-    self.yx = np.asarray(template_yx, np.int32)[None]
     self.pi, self.pc = process_index, process_count
 
   def __iter__(self):
@@ -114,17 +113,36 @@ class WithTemplate:
 
   def __next__(self):
     b = next(self.it)
-    out = {"image": np.concatenate([b["image"], self.image]),
-           "landmarks_yx": np.concatenate([b["landmarks_yx"], self.yx]),
-           "index": np.concatenate([b["index"], [-1]])}  # -1: the template
-    n = len(out["image"]) // self.pc
-    return {k: v[self.pi * n:(self.pi + 1) * n] for k, v in out.items()}
+    n = len(b["image"]) // self.pc
+    return {k: v[self.pi * n:(self.pi + 1) * n] for k, v in b.items()}
 
   def get_state(self):
     return self.it.get_state()
 
   def set_state(self, s):
     self.it.set_state(s)
+
+
+def augmentation(config):
+  """The TPLAugment of `tpl.augment`, or None when it is off (reference)."""
+  a = config.tpl.augment
+  if not a.enabled:
+    return None
+  return tpl_augment.TPLAugment(rotation_deg=a.rotation_deg, scale=a.scale,
+                                translate=a.translate, brightness=a.brightness,
+                                contrast=a.contrast)
+
+
+def make_batches(config, cache, pseudo, process_index=0, process_count=1):
+  """This process's share of each TPL batch: pseudo-labelled rows plus the template (true labels)."""
+  t = config.tpl
+  trow = cache.row_of(config.data.template_id)
+  template = (cache.images[trow], cache.gt_grid_yx(config.data.gt)[trow])
+  batches = pipeline.tpl_dataset(cache.images_path, pseudo, seed=config.seed,
+                                 batch_size=t.batch_size, indices=cache.indices("train"),
+                                 repeats_per_epoch=t.repeats, num_workers=config.data.num_workers,
+                                 template=template, augment=augmentation(config))
+  return ProcessSlice(iter(batches), process_index, process_count)
 
 
 def pseudo_labels_path(workdir):
@@ -162,19 +180,12 @@ def run(config, workdir):
                               t.per_device_batch_size)
     pseudo = load_pseudo_labels(workdir, cache)
     rows = cache.indices("train")
-    trow = cache.row_of(config.data.template_id)
     total, decay = optim.schedule_steps(len(rows), t.batch_size, repeats=t.repeats,
                                         epochs=t.epochs, decay_every_epochs=t.decay_every_epochs,
                                         num_steps=t.num_steps)
     tx = optim.adam_l2(optim.step_schedule(t.lr, decay, t.decay_factor), t.weight_decay)
     state = create_state(config, tx, mesh, size_hw, workdir)
-    # Every process reads the whole global batch: WithTemplate keeps each one's slice.
-    batches = pipeline.tpl_dataset(cache.images_path, pseudo, seed=config.seed,
-                                   batch_size=t.batch_size, indices=rows,
-                                   repeats_per_epoch=t.repeats,
-                                   num_workers=config.data.num_workers)
-    batches = WithTemplate(iter(batches), cache.images[trow], cache.gt_grid_yx(config.data.gt)[trow],
-                           jax.process_index(), jax.process_count())
+    batches = make_batches(config, cache, pseudo, jax.process_index(), jax.process_count())
     state, info = loop.train_loop(
         name=STAGE, state=state, step_fn=make_train_step(config, tx, size_hw), batches=batches,
         mesh=mesh, stage_dir=workdir / STAGE, total_steps=total, log_every=t.log_every,
