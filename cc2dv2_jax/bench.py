@@ -61,8 +61,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from cc2dv2_jax import sharding
+from cc2dv2_jax.models import build
 from cc2dv2_jax.training import optim
-from cc2dv2_jax.training import sharding
 from cc2dv2_jax.training import state as state_lib
 
 ALL_SECTIONS = ("ssl_step", "tpl_step", "tpl_naive", "ssl_infer", "tpl_infer", "pipeline",
@@ -385,7 +386,7 @@ def bench_tpl_naive(config, mesh, warmup, iters, ctx):
   from cc2dv2_jax.training import tpl  # pylint: disable=g-import-not-at-top
   size_hw = tuple(config.data.size_hw)
   n = config.data.num_landmarks
-  r = tpl.radius(config, size_hw)
+  r = build.tpl_radius(config, size_hw)
   lam = config.tpl.loss_lambda
   net = tpl_net.TPLNet(num_landmarks=n, width=config.model.width, dtype=jnp.float32)
   dev = jax.local_devices()[0]
@@ -443,7 +444,7 @@ def bench_ssl_infer(config, mesh, warmup, iters, infer_batch, ctx):
   from cc2dv2_jax.training import ssl  # pylint: disable=g-import-not-at-top
   size_hw = tuple(config.data.size_hw)
   n = config.data.num_landmarks
-  net, _ = ssl.build_models(config)
+  net, _ = build.ssl_models(config)
   if "ssl_state" in ctx:
     st = ctx["ssl_state"]
     variables = {"params": st.params["net"], "batch_stats": st.batch_stats["net"]}
@@ -494,14 +495,14 @@ def bench_tpl_infer(config, mesh, warmup, iters, infer_batch, ctx):
   from cc2dv2_jax.training import tpl  # pylint: disable=g-import-not-at-top
   size_hw = tuple(config.data.size_hw)
   n = config.data.num_landmarks
-  r = tpl.radius(config, size_hw)
+  r = build.tpl_radius(config, size_hw)
   if "tpl_state" in ctx:
     variables = {"params": ctx["tpl_state"].params}
   else:
     variables = tpl.init_variables(config, config.seed + 1, size_hw)
   b = _infer_batch(infer_batch, config.tpl.infer_batch_size, mesh)
   images = _smooth_images(b, size_hw, seed=5)
-  pred = predictors.TPLPredictor(tpl.build_model(config), variables, num_landmarks=n, radius=r,
+  pred = predictors.TPLPredictor(build.tpl_model(config), variables, num_landmarks=n, radius=r,
                                  imagenet_norm=config.model.imagenet_norm, batch_size=b,
                                  mesh=mesh)
   x = sharding.put_batch(images, mesh)

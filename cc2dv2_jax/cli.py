@@ -70,12 +70,13 @@ def main(config, workdir, stage, overwrite=False):
   from cc2dv2_jax.training import loop
   try:
     distributed.maybe_initialize(config)
+    from cc2dv2_jax import compile_cache
     from cc2dv2_jax import preflight
     from cc2dv2_jax import stages
     with _sigterm_outside_training(loop.Preempted):
       preflight.run(config, workdir, stage, overwrite=overwrite)
       if config.compile_cache:
-        loop.enable_compile_cache(workdir)
+        compile_cache.enable(compile_cache.directory(workdir))
       results = stages.run(stage, config, workdir, overwrite=overwrite)
   except (DataError, ConfigError) as e:
     logging.error("%s", e)

@@ -8,7 +8,13 @@ key at fault; all config problems are listed at once.
 import os
 import pathlib
 
+import jax
+
+from cc2dv2_jax import checkpoint
+from cc2dv2_jax import distributed
+from cc2dv2_jax import sharding
 from cc2dv2_jax import workdir as workdir_lib
+from cc2dv2_jax.data import dataset
 from cc2dv2_jax.errors import ConfigError
 
 DATA_STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check")
@@ -52,7 +58,6 @@ def _problems(config):
     need(ok, key, f"must be a{' non-negative' if allow_zero else ' positive'} "
          f"{'integer' if integer else 'number'}")
 
-  from cc2dv2_jax.data import dataset  # pylint: disable=g-import-not-at-top (no jax in it)
   need(_get(config, "data.format") in dataset.FORMATS, "data.format",
        f"choose from {dataset.FORMATS}")
   size = pair("data.size_hw", MIN_SIDE)
@@ -123,7 +128,6 @@ def check_config(config):
   problems = _problems(config)
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))
-  from cc2dv2_jax.training import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size",
                             _get(config, "ssl.per_device_batch_size", 0) or 0)
@@ -133,13 +137,14 @@ def check_config(config):
 
 def _check_prerequisites(stage, workdir):
   """A stage run on its own needs the output of the one before it."""
-  from cc2dv2_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  has = lambda s: checkpoint.export_info(workdir / s / "export") is not None
+  has = lambda s: checkpoint.export_info(workdir_lib.export_dir(workdir, s)) is not None
   if stage == "pseudo" and not has("ssl"):
-    raise ConfigError(f"--stage=pseudo needs a trained SSL model in {workdir / 'ssl'}; "
+    raise ConfigError(f"--stage=pseudo needs a trained SSL model in "
+                      f"{workdir_lib.stage_dir(workdir, 'ssl')}; "
                       f"run --stage=ssl first (or --stage=all)")
-  if stage == "tpl" and not (workdir / "pseudo" / "pseudo_labels.json").exists():
-    raise ConfigError(f"--stage=tpl needs {workdir / 'pseudo' / 'pseudo_labels.json'}; "
+  labels = workdir_lib.pseudo_labels_path(workdir)
+  if stage == "tpl" and not labels.exists():
+    raise ConfigError(f"--stage=tpl needs {labels}; "
                       f"run --stage=pseudo first (or --stage=all)")
   if stage == "eval" and not (has("ssl") or has("tpl")):
     raise ConfigError(f"--stage=eval: nothing to evaluate in {workdir} (no ssl/ or tpl/ "
@@ -155,21 +160,19 @@ def run(config, workdir, stage, overwrite=False):
   (workdir.clear_stale).
   Returns the loaded data cache (None for stages that need no dataset).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from cc2dv2_jax import distributed  # pylint: disable=g-import-not-at-top
   if stage not in DATA_STAGES:
     return None  # predict reads a finished run's workdir and config (inference/predict.py)
   check_config(config)
   workdir = pathlib.Path(workdir)
   workdir_lib.check(workdir, config, overwrite)
   if overwrite:
-    if jax.process_index() == 0:
+    if distributed.is_main():
       workdir_lib.clear_stale(workdir, config)
     distributed.sync("clear_stale")
   _check_prerequisites(stage, workdir)
-  from cc2dv2_jax.data import dataset  # pylint: disable=g-import-not-at-top
   cache = dataset.ensure_cache(config, workdir, jax.process_index())
   # Recorded here, not only by the stage: otherwise the stage's own workdir check would find the
   # old record and, with --overwrite, remove the data cache just rebuilt for the new config.
-  workdir_lib.record(workdir, config)
+  if distributed.is_main():
+    workdir_lib.record(workdir, config)
   return cache

@@ -7,49 +7,27 @@ import pathlib
 
 from absl import logging
 
+from cc2dv2_jax import distributed
 from cc2dv2_jax import workdir as workdir_lib
-
-
-def _ssl(config, workdir):
-  from cc2dv2_jax.training import ssl
-  return ssl.run(config, workdir)
-
-
-def _pseudo(config, workdir):
-  from cc2dv2_jax.inference import pseudo
-  return pseudo.run(config, workdir)
-
-
-def _tpl(config, workdir):
-  from cc2dv2_jax.training import tpl
-  return tpl.run(config, workdir)
-
-
-def _eval(config, workdir):
-  from cc2dv2_jax.evaluation import evaluate
-  return evaluate.run(config, workdir)
-
-
-def _check(config, workdir):
-  from cc2dv2_jax.data import dataset
-  return dataset.check(config, workdir)
-
-
-def _predict(config, workdir):
-  from cc2dv2_jax.inference import predict
-  return predict.run(config, workdir)
+from cc2dv2_jax.data import dataset
+from cc2dv2_jax.evaluation import evaluate
+from cc2dv2_jax.inference import predict
+from cc2dv2_jax.inference import pseudo
+from cc2dv2_jax.training import ssl
+from cc2dv2_jax.training import tpl
 
 
 def run_all(config, workdir):
   results = {}
-  for name, fn in (("ssl", _ssl), ("pseudo", _pseudo), ("tpl", _tpl), ("eval", _eval)):
+  for name, fn in (("ssl", ssl.run), ("pseudo", pseudo.run), ("tpl", tpl.run),
+                   ("eval", evaluate.run)):
     logging.info("=== stage %s ===", name)
     results[name] = fn(config, workdir)
   return results
 
 
-STAGES = {"ssl": _ssl, "pseudo": _pseudo, "tpl": _tpl, "eval": _eval, "all": run_all,
-          "check": _check, "predict": _predict}
+STAGES = {"ssl": ssl.run, "pseudo": pseudo.run, "tpl": tpl.run, "eval": evaluate.run,
+          "all": run_all, "check": dataset.check, "predict": predict.run}
 
 
 def run(stage, config, workdir, overwrite=False):
@@ -58,5 +36,5 @@ def run(stage, config, workdir, overwrite=False):
     raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGES)}")
   workdir = pathlib.Path(workdir)
   if stage not in ("predict",):
-    workdir_lib.prepare(workdir, config, overwrite=overwrite)
+    workdir_lib.prepare(workdir, config, overwrite=overwrite, is_main=distributed.is_main())
   return STAGES[stage](config, workdir)

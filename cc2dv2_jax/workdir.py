@@ -1,6 +1,11 @@
-"""The workdir's identity: the config that made its outputs, stage by stage.
+"""The workdir: where each output lives, and the config that made them, stage by stage.
 
-config.json records the config of the run; every output in the workdir was made by it. A new
+Layout: every path inside a workdir comes from a function here (README "Workdir layout"), so
+training, inference, evaluation and the launch tools agree on it without importing each other.
+No JAX in this module: the data layer takes its cache and phantom folders from it too, and the
+callers decide which process writes (`is_main`).
+
+Identity: config.json records the config of the run; every output in the workdir was made by it. A new
 config is compared with it key by key; each key belongs to a group (`GROUPS`) and each output
 lists the groups its content depends on (`OUTPUTS`), so a change removes exactly the outputs that
 depend on it: `tpl.*` redoes TPL and the summary and keeps the data cache, the SSL model, the
@@ -18,14 +23,95 @@ import pathlib
 import shutil
 import socket
 
-import jax
-
 from absl import logging
 
 from cc2dv2_jax import utils
 from cc2dv2_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
+EXPORT_DONE = "export.json"  # written last into an export folder: the export is complete
+RESULTS_FILE = "results.json"  # an evaluation folder's numbers (evaluation/report.py)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout
+
+
+def data_cache_dir(workdir):
+  """The prepared images and landmarks (data/cache.py), unless config data.cache_dir says else."""
+  return pathlib.Path(workdir) / "data_cache"
+
+
+def phantoms_dir(workdir):
+  """The synthetic dataset generated when the config names no data.root."""
+  return pathlib.Path(workdir) / "phantoms"
+
+
+def stage_dir(workdir, stage):
+  """<workdir>/<stage>: everything a training stage ('ssl', 'tpl') writes."""
+  return pathlib.Path(workdir) / stage
+
+
+def checkpoints_dir(workdir, stage):
+  return stage_dir(workdir, stage) / "checkpoints"
+
+
+def metrics_path(workdir, stage):
+  return stage_dir(workdir, stage) / "metrics.jsonl"
+
+
+def nonfinite_report_path(workdir, stage):
+  return stage_dir(workdir, stage) / "nonfinite_report.json"
+
+
+def export_dir(workdir, stage):
+  """The variables the next stages restore (checkpoint.export; EXPORT_DONE marks it complete)."""
+  return stage_dir(workdir, stage) / "export"
+
+
+def eval_dir(workdir, stage):
+  """The test-split report of one stage's model (results.json, results.md, plots, overlays)."""
+  return stage_dir(workdir, stage) / "eval"
+
+
+def results_path(workdir, stage):
+  return eval_dir(workdir, stage) / RESULTS_FILE
+
+
+def pseudo_labels_path(workdir):
+  return pathlib.Path(workdir) / "pseudo" / "pseudo_labels.json"
+
+
+def summary_path(workdir):
+  """The eval stage's side-by-side table of every evaluated stage."""
+  return pathlib.Path(workdir) / "eval" / "summary.md"
+
+
+def predict_dir(workdir):
+  """Default output folder of --stage=predict."""
+  return pathlib.Path(workdir) / "predict"
+
+
+def figures_dir(workdir):
+  return pathlib.Path(workdir) / "figures"
+
+
+def template_sensitivity_dir(workdir):
+  return stage_dir(workdir, "ssl") / "template_sensitivity"
+
+
+def tpl_diagnosis_dir(workdir):
+  return stage_dir(workdir, "tpl") / "diagnosis"
+
+
+def compile_cache_dir(workdir):
+  """The persistent XLA compilation cache of runs in `workdir` (unless $CC2D_JAX_CACHE)."""
+  return pathlib.Path(workdir).absolute() / ".jax_cache"
+
+
+# ------------------------------------------------------------------------------------------------
+# Identity
+
 # Settings that change how a run is executed or reported, not what it computes.
 _IGNORED = ("ssl.per_device_batch_size", "tpl.per_device_batch_size", "stage", "compile_cache",
             "distributed", "data.num_workers", "data.cache_dir", "predict", "ssl.log_every",
@@ -204,15 +290,15 @@ def clear_stale(workdir, config):
 
 
 def record(workdir, config):
-  """Writes config.json: from now on the workdir belongs to this config (process 0 writes it)."""
-  if jax.process_index() == 0:
-    utils.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE, config_json(config))
+  """Writes config.json: from now on the workdir belongs to this config (one process calls it)."""
+  utils.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE, config_json(config))
 
 
-def prepare(workdir, config, overwrite=False):
+def prepare(workdir, config, overwrite=False, is_main=True):
   """Creates `workdir`, checks it against `config` (see `check`), removes stale outputs when
-  `overwrite`, and records the config."""
+  `overwrite`, and records the config. Only the main process (`is_main`) writes."""
   check(workdir, config, overwrite)
   if overwrite:
     clear_stale(workdir, config)
-  record(workdir, config)
+  if is_main:
+    record(workdir, config)

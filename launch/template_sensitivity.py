@@ -24,20 +24,16 @@ from absl import flags
 from absl import logging
 
 from cc2dv2_jax import utils
+from cc2dv2_jax import workdir as workdir_lib
 
-OUT_SUBDIR = ("ssl", "template_sensitivity")
 JSON_NAME = "template_sensitivity.json"
 MD_NAME = "template_sensitivity.md"
 PROTOCOLS = ("grid", "fullres")
 
 
-def out_dir_of(workdir):
-  return pathlib.Path(workdir).joinpath(*OUT_SUBDIR)
-
-
 def load_summary(workdir):
   """{'num_templates', 'grid': {mean, std, min, max}, 'fullres': {...}} of a finished analysis."""
-  path = out_dir_of(workdir) / JSON_NAME
+  path = workdir_lib.template_sensitivity_dir(workdir) / JSON_NAME
   if not path.exists():
     return None
   data = json.loads(path.read_text())
@@ -52,7 +48,7 @@ def is_done(workdir, num_templates):
 def load_run_config(workdir):
   """The ConfigDict recorded in <workdir>/config.json by the run."""
   import ml_collections
-  path = pathlib.Path(workdir) / "config.json"
+  path = pathlib.Path(workdir) / workdir_lib.CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not a cc2dv2_jax workdir (pass --config)")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -129,7 +125,7 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
       "spread": {p: spread([e[p]["mre"] for e in per_template]) for p in PROTOCOLS},
       "seconds": time.time() - t0,
   }
-  write(report, out_dir or out_dir_of(workdir))
+  write(report, out_dir or workdir_lib.template_sensitivity_dir(workdir))
   return report
 
 
@@ -183,8 +179,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
   if config.get("compile_cache", False):
-    from cc2dv2_jax.training import loop
-    loop.enable_compile_cache(FLAGS.workdir)
+    from cc2dv2_jax import compile_cache
+    compile_cache.enable(compile_cache.directory(FLAGS.workdir))
   report = run(FLAGS.workdir, config=config, num_templates=FLAGS.num_templates,
                template_ids=FLAGS.template_ids or None, seed=FLAGS.seed, out_dir=FLAGS.out or None)
   print(markdown(report))

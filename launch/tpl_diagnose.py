@@ -26,8 +26,8 @@ from absl import app
 from absl import flags
 
 from cc2dv2_jax import utils
+from cc2dv2_jax import workdir as workdir_lib
 
-OUT_SUBDIR = ("tpl", "diagnosis")
 PROTOCOLS = ("grid", "fullres")
 GROSS_MM = 8.0
 
@@ -47,8 +47,8 @@ def run(workdir, out_dir=None):
   from cc2dv2_jax.data import dataset
   from cc2dv2_jax.evaluation import metrics
   from cc2dv2_jax.inference import predictors
+  from cc2dv2_jax.inference import pseudo as pseudo_lib
   from cc2dv2_jax.inference import restore
-  from cc2dv2_jax.training import tpl
   from launch import template_sensitivity
 
   workdir = pathlib.Path(workdir)
@@ -59,7 +59,7 @@ def run(workdir, out_dir=None):
   train = cache.indices("train")
   train = train[cache.labelled[train] & (train != cache.row_of(config.data.template_id))]
   test = cache.indices(config.eval.split)
-  pseudo = tpl.load_pseudo_labels(workdir, cache)
+  pseudo = pseudo_lib.load_labels(workdir, cache)
 
   voting = restore.tpl_predictor(config, workdir, tuple(cache.size_hw))
   heatmap = predictors.TPLPredictor(voting.net, voting.variables,
@@ -81,7 +81,7 @@ def run(workdir, out_dir=None):
   report = {"workdir": str(workdir), "rows": rows,
             "tpl_vs_its_labels_px": float(fit_px.mean()) if len(train) else None,
             "gross_mm": GROSS_MM}
-  write(report, out_dir or workdir.joinpath(*OUT_SUBDIR))
+  write(report, out_dir or workdir_lib.tpl_diagnosis_dir(workdir))
   return report
 
 

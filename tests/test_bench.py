@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from cc2dv2_jax import bench
+from cc2dv2_jax import sharding
 from cc2dv2_jax.losses import tpl_loss
 from cc2dv2_jax.training import prefetch
-from cc2dv2_jax.training import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -26,6 +26,7 @@ import pytest
 from scipy import ndimage
 
 from cc2dv2_jax.data import augment
+from cc2dv2_jax.models import build
 from cc2dv2_jax.models import ssl_net
 from cc2dv2_jax.training import optim
 from cc2dv2_jax.training import ssl
@@ -132,7 +133,7 @@ def test_ssl_bf16_loss_and_grads_match_fp32():
                                      optim.adam_l2(optax.constant_schedule(1e-3), 1e-4))
   assert {x.dtype for x in jax.tree.leaves(adam.opt_state) if x.ndim} == {jnp.dtype("float32")}
   # The heads return float32 features for the float32 cosine similarities.
-  net, _ = ssl.build_models(c16)
+  net, _ = build.ssl_models(c16)
   feats = jax.eval_shape(lambda: net.apply(
       {"params": variables["params"]["net"], "batch_stats": variables["batch_stats"]["net"]},
       jnp.zeros((1, *size, 1)), train=False))
@@ -178,7 +179,7 @@ def test_tpl_bf16_loss_and_grads_match_fp32():
 def test_dtype_does_not_change_the_variables(dtype):
   """The same variable tree (all float32) whatever the compute dtype: checkpoints are shared."""
   c = tiny_config(**{"model.dtype": dtype})
-  net, _ = ssl.build_models(c)
+  net, _ = build.ssl_models(c)
   shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)),
                                            train=False))
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype("float32")}

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cc2dv2_jax import sharding
 from cc2dv2_jax.data import augment
 from cc2dv2_jax.data import pipeline
 from cc2dv2_jax.training import device_augment
-from cc2dv2_jax.training import sharding
 
 
 def _smooth_pool(n=4, hw=(64, 80), seed=0):

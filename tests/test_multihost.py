@@ -17,11 +17,12 @@ import numpy as np
 import portpicker
 import pytest
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import distributed
+from cc2dv2_jax import sharding
 from cc2dv2_jax import stages
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
-from cc2dv2_jax.training import checkpoint
-from cc2dv2_jax.training import sharding
 from cc2dv2_jax.training import ssl
 from tests.helpers import tiny_config
 
@@ -136,10 +137,10 @@ def test_two_processes_equal_one(runs):
   assert len({m["loss"] for m in m1}) == STEPS  # the steps saw different batches
   config = tiny_config(**OVERRIDES)
   like = _export_like(_state_like(config)[0])
-  v1 = checkpoint.restore_export(ssl.export_dir(one), like)
-  v2 = checkpoint.restore_export(ssl.export_dir(two), like)
+  v1 = checkpoint.restore_export(workdir_lib.export_dir(one, "ssl"), like)
+  v2 = checkpoint.restore_export(workdir_lib.export_dir(two, "ssl"), like)
   _assert_same_training(v1, v2, config.ssl.lr, STEPS)
-  info = checkpoint.export_info(ssl.export_dir(two))
+  info = checkpoint.export_info(workdir_lib.export_dir(two, "ssl"))
   assert info["steps"] == STEPS and info["stage"] == "ssl"
 
 
@@ -156,7 +157,7 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
   (s1, d1), (s2, d2) = restored["one"], restored["two"]
   assert int(s2.step) == STEPS
   # Bit for bit what the two processes exported at the end of the same run...
-  exported = checkpoint.restore_export(ssl.export_dir(two), _export_like(like))
+  exported = checkpoint.restore_export(workdir_lib.export_dir(two, "ssl"), _export_like(like))
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(_export_like(s2))):
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
   # ...and the same training as one process.

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import cli
+from cc2dv2_jax import sharding
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import images as images_lib
@@ -25,8 +27,7 @@ from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 from cc2dv2_jax.inference import predict
-from cc2dv2_jax.training import checkpoint
-from cc2dv2_jax.training import sharding
+from cc2dv2_jax.models import build
 from cc2dv2_jax.training import ssl
 from cc2dv2_jax.training import tpl
 from tests.helpers import tiny_config
@@ -67,8 +68,8 @@ def make_workdir(path, config, *, with_tpl=True, seed=0):
   cache = dataset.ensure_cache(config, path)
   size_hw = tuple(cache.size_hw)
   v = random_variables(lambda: jax.tree.map(jnp.asarray, ssl.init_variables(config, 0, size_hw)), seed)
-  checkpoint.export(ssl.export_dir(path), {"params": v["params"]["net"],
-                                           "batch_stats": v["batch_stats"]["net"]},
+  checkpoint.export(workdir_lib.export_dir(path, "ssl"), {"params": v["params"]["net"],
+                                                         "batch_stats": v["batch_stats"]["net"]},
                     {"stage": "ssl", "steps": 0})
   if with_tpl:
     add_tpl_export(path, config, seed=seed + 1)
@@ -78,7 +79,8 @@ def make_workdir(path, config, *, with_tpl=True, seed=0):
 def add_tpl_export(path, config, seed=1):
   size_hw = tuple(config.data.size_hw)
   v = random_variables(lambda: jax.tree.map(jnp.asarray, tpl.init_variables(config, 0, size_hw)), seed)
-  checkpoint.export(tpl.export_dir(path), {"params": v["params"]}, {"stage": "tpl", "steps": 0})
+  checkpoint.export(workdir_lib.export_dir(path, "tpl"), {"params": v["params"]},
+                    {"stage": "tpl", "steps": 0})
 
 
 def make_inputs(folder, workdir):
@@ -303,7 +305,7 @@ def test_predictors_share_one_compiled_program():
   from cc2dv2_jax.inference import predictors  # pylint: disable=g-import-not-at-top
   from cc2dv2_jax.models import host_init  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  net, _ = ssl.build_models(config)
+  net, _ = build.ssl_models(config)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 64, 64), dtype=np.uint8)
   template_yx = np.array([[10, 12], [40, 30]])

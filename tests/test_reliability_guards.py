@@ -16,12 +16,13 @@ import numpy as np
 import optax
 import pytest
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import cli
+from cc2dv2_jax import sharding
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
-from cc2dv2_jax.training import checkpoint
 from cc2dv2_jax.training import loop
-from cc2dv2_jax.training import sharding
 from cc2dv2_jax.training import state as state_lib
 from tests import helpers
 
@@ -89,13 +90,14 @@ class _Recorder:
 # The loop puts batches on the device this many steps ahead: batch k is read from the iterator
 # just before step k - READ_AHEAD is dispatched.
 READ_AHEAD = 2
+STAGE = "t"  # the loop's files go to <workdir>/t/
 
 
-def _train(cache, stage_dir, total, hook=None, log_every=2, ckpt_every=3, keep=2):
+def _train(cache, workdir, total, hook=None, log_every=2, ckpt_every=3, keep=2):
   mesh = sharding.make_mesh()
   it = _Recorder(_batches(cache), hook)
   state, info = loop.train_loop(
-      name="t", state=_state(mesh), step_fn=_step, batches=it, mesh=mesh, stage_dir=stage_dir,
+      name=STAGE, state=_state(mesh), step_fn=_step, batches=it, mesh=mesh, workdir=workdir,
       total_steps=total, log_every=log_every, ckpt_every=ckpt_every, keep=keep,
       row_ids=cache.ids, prefetch_size=READ_AHEAD)
   return state, info, it.taken
@@ -112,7 +114,7 @@ def test_nonfinite_stops_with_report_and_keeps_last_good(cache, tmp_path, poison
 
   with pytest.raises(loop.NonFiniteError) as e:
     _train(cache, tmp_path, total=12, hook=hook)
-  report = json.loads((tmp_path / loop.NONFINITE_REPORT).read_text())
+  report = json.loads(workdir_lib.nonfinite_report_path(tmp_path, STAGE).read_text())
   assert report["step"] == bad_step and bad_key in report["non_finite"]
   if bad_key == "grad_norm":
     assert "loss" not in report["non_finite"]  # finite loss, non-finite gradient: still caught
@@ -120,12 +122,12 @@ def test_nonfinite_stops_with_report_and_keeps_last_good(cache, tmp_path, poison
   assert len(ids) == 4 and all(i in cache.ids for i in ids)
   assert report["last_good_checkpoint"] == 6  # ckpt_every=3: the save before step 8
   assert f"step {bad_step}" in str(e.value) and ids[0] in str(e.value)
-  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=2)
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints_dir(tmp_path, STAGE), keep=2)
   assert ckpt.latest_step() == 6
   restored, _ = ckpt.restore(_state(sharding.make_mesh()))
   ckpt.close()
   assert np.isfinite(float(restored.params["w"])) and int(restored.step) == 6
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(l) for l in workdir_lib.metrics_path(tmp_path, STAGE).read_text().splitlines()]
   assert all(l["step"] < bad_step for l in lines)
 
 
@@ -143,15 +145,15 @@ def test_sigterm_saves_current_step_and_resume_is_exact(cache, tmp_path):
   with pytest.raises(loop.Preempted):
     _train(cache, tmp_path / "cut", total, hook=hook)
   assert signal.getsignal(signal.SIGTERM) is not None  # the loop put the old handler back
-  ckpt = checkpoint.Checkpointer(tmp_path / "cut" / "checkpoints", keep=2)
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints_dir(tmp_path / "cut", STAGE), keep=2)
   assert ckpt.latest_step() == 5  # not a multiple of ckpt_every: saved because of SIGTERM
   ckpt.close()
   state, info, taken = _train(cache, tmp_path / "cut", total)
   assert info["steps"] == total
   assert ref_taken[5:] == taken  # resumed with batch 6: nothing repeated, nothing skipped
   assert float(state.params["w"]) == float(ref_state.params["w"])
-  assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (
-      tmp_path / "ref" / "metrics.jsonl").read_text()
+  assert workdir_lib.metrics_path(tmp_path / "cut", STAGE).read_text() == (
+      workdir_lib.metrics_path(tmp_path / "ref", STAGE).read_text())
 
 
 def test_checkpoints_are_last_k_plus_best(cache, tmp_path):
@@ -164,7 +166,7 @@ def test_checkpoints_are_last_k_plus_best(cache, tmp_path):
     return b
 
   _train(cache, tmp_path, total=10, hook=hook, log_every=2, ckpt_every=1, keep=2)
-  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=2)
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints_dir(tmp_path, STAGE), keep=2)
   steps, best = ckpt.all_steps(), ckpt.best_step()
   ckpt.close()
   assert best == 4  # mean loss of the last log_every=2 steps is lowest after steps 3-4

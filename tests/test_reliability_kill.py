@@ -153,7 +153,7 @@ def _interrupt(workdir, cache_dir, log_path, condition, sig, delay):
 
 
 def _export_arrays(stage_dir):
-  from cc2dv2_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from cc2dv2_jax import checkpoint  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   variables = checkpoint.restore_export(stage_dir / "export")
   return {jax.tree_util.keystr(p): np.asarray(v)

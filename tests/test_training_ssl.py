@@ -5,9 +5,10 @@ import numpy as np
 import optax
 import pytest
 
+from cc2dv2_jax import sharding
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.training import loop
-from cc2dv2_jax.training import sharding
 from cc2dv2_jax.training import ssl
 from tests.helpers import tiny_config
 
@@ -71,7 +72,7 @@ def test_batch_must_divide_devices(cache_and_config):
     sharding.check_batch_size(6, sharding.make_mesh(), "ssl.batch_size")
 
 
-def _train(config, cache, stage_dir, total):
+def _train(config, cache, workdir, total):
   mesh = sharding.make_mesh()
   tx, _ = ssl.make_optimizer(config, len(cache.indices("train")))
   state = ssl.create_state(config, tx, mesh, tuple(cache.size_hw))
@@ -79,7 +80,7 @@ def _train(config, cache, stage_dir, total):
   batches = iter(ssl.make_batches(config, cache, rows))
   state, info = loop.train_loop(
       name="ssl", state=state, step_fn=ssl.make_train_step(config, tx), batches=batches,
-      mesh=mesh, constants=ssl.device_pool(config, cache, rows, mesh), stage_dir=stage_dir,
+      mesh=mesh, constants=ssl.device_pool(config, cache, rows, mesh), workdir=workdir,
       total_steps=total, log_every=1, ckpt_every=3, keep=2)
   return jax.device_get(state), info
 
@@ -105,5 +106,5 @@ def test_resume_equals_uninterrupted(cache_and_config, tmp_path):
   # ...and it really is a different state from the one at step 3.
   assert any(not np.array_equal(a, b)
              for a, b in zip(jax.tree.leaves(part.params), jax.tree.leaves(full.params)))
-  lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+  lines = workdir_lib.metrics_path(tmp_path / "resumed", "ssl").read_text().splitlines()
   assert len(lines) == 6  # one per step, none duplicated by the restart

@@ -21,6 +21,7 @@ from cc2dv2_jax.data import isbi
 from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.data import phantoms
 from cc2dv2_jax.errors import DataError
+from cc2dv2_jax.inference import pseudo as pseudo_lib
 from cc2dv2_jax.inference import restore
 from cc2dv2_jax.training import ssl
 from cc2dv2_jax.training import tpl
@@ -228,7 +229,7 @@ def test_one_shot_pipeline(one_shot_run):
 
   # A TPL batch as tpl.run builds it: pseudo-labels of the (unlabelled) training images on the
   # grid, then the template with its true landmarks.
-  labels = tpl.load_pseudo_labels(workdir, cache)
+  labels = pseudo_lib.load_labels(workdir, cache)
   b = next(tpl.make_batches(config, cache, labels))
   lm = b["landmarks_yx"]
   assert lm.shape == (4, 8, 2) and (lm >= 0).all() and (lm < 64).all()

@@ -107,8 +107,8 @@ class Cache:
   def gt_grid_yx(self, which="mean"):
     """to_grid(gt_orig_yx(which)) on the cache grid, int64 [N, L, 2] [y, x] (reference truncation).
 
-    Unlabelled rows hold -1 (off the grid; the convention of tpl.load_pseudo_labels for rows without
-    a label): select rows with `labelled` before using them as coordinates.
+    Unlabelled rows hold -1 (off the grid; the convention of inference/pseudo.load_labels for rows
+    without a label): select rows with `labelled` before using them as coordinates.
     """
     lab = self.labelled
     out = np.full((self.num_images, self.num_landmarks, 2), -1, np.int64)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 from absl import logging
 
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import bmple
 from cc2dv2_jax.data import cache as cache_lib
 from cc2dv2_jax.data import custom
@@ -49,7 +50,7 @@ def read_dataset(root, fmt="auto", num_landmarks=None):
 
 
 def cache_dir(config, workdir):
-  return pathlib.Path(config.data.cache_dir or pathlib.Path(workdir) / "data_cache")
+  return pathlib.Path(config.data.cache_dir or workdir_lib.data_cache_dir(workdir))
 
 
 def _source_root(config, workdir):
@@ -57,7 +58,7 @@ def _source_root(config, workdir):
   d = config.data
   if d.root:
     return pathlib.Path(d.root), d.format
-  root = pathlib.Path(workdir) / "phantoms"
+  root = workdir_lib.phantoms_dir(workdir)
   if not (root / "dataset.json").exists():
     p = d.phantoms
     if p.num_landmarks != d.num_landmarks:

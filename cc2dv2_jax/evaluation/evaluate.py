@@ -16,6 +16,7 @@ from absl import logging
 
 from cc2dv2_jax import distributed
 from cc2dv2_jax import utils
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import cache as cache_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.evaluation import metrics
@@ -23,12 +24,8 @@ from cc2dv2_jax.evaluation import report
 from cc2dv2_jax.inference import restore
 
 
-def _stage_out(workdir, stage):
-  return pathlib.Path(workdir) / stage / "eval"
-
-
 def _load(out_dir):
-  path = out_dir / "results.json"
+  path = out_dir / workdir_lib.RESULTS_FILE
   if not path.exists():
     return None
   results = json.loads(path.read_text())
@@ -76,8 +73,8 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
 
 def run_stage_eval(config, workdir, stage):
   """The test-split evaluation of `stage`, computed once and then read back from its report."""
-  out_dir = _stage_out(workdir, stage)
-  if distributed.agree((out_dir / "results.json").exists()):
+  out_dir = workdir_lib.eval_dir(workdir, stage)
+  if distributed.agree(workdir_lib.results_path(workdir, stage).exists()):
     return _load(out_dir)
   cache = dataset.ensure_cache(config, workdir, jax.process_index())
   return evaluate_stage(config, workdir, stage, cache, cache.indices(config.eval.split), out_dir)
@@ -91,11 +88,12 @@ def run(config, workdir):
     raise FileNotFoundError(f"{workdir}: nothing to evaluate (no ssl/ or tpl/ export)")
   results = {s: run_stage_eval(config, workdir, s) for s in stages}
   parts = [f"## {'SSL only (template matching)' if s == 'ssl' else 'SSL + TPL (voting)'}\n\n"
-           f"{results[s]['markdown']}\n\nreport: {_stage_out(workdir, s)}/results.md\n"
+           f"{results[s]['markdown']}\n\nreport: {workdir_lib.eval_dir(workdir, s)}/results.md\n"
            for s in stages]
   summary = "\n".join(parts)
   if jax.process_index() == 0:
-    (workdir / "eval").mkdir(parents=True, exist_ok=True)
-    utils.atomic_write_text(workdir / "eval" / "summary.md", summary)
+    path = workdir_lib.summary_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    utils.atomic_write_text(path, summary)
   distributed.sync("eval_summary")
   return {**results, "markdown": summary}

@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.evaluation import metrics
 from cc2dv2_jax.evaluation import plots
@@ -208,9 +209,9 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   """
   os.makedirs(out_dir, exist_ok=True)
   written = {}
-  path = os.path.join(out_dir, "results.json")
+  path = os.path.join(out_dir, workdir_lib.RESULTS_FILE)
   atomic_write_text(path, json.dumps(to_jsonable(results), indent=1, allow_nan=False) + "\n")
-  written["results.json"] = path
+  written[workdir_lib.RESULTS_FILE] = path
 
   unit = results.get("unit", "mm")
   protos = _protocols(results)

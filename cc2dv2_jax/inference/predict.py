@@ -279,7 +279,7 @@ def run(config, workdir):
     raise ConfigError(f"workdir {workdir} does not exist (train a model there first)")
   config = load_run_config(workdir, config)
   p = config.predict
-  out_dir = pathlib.Path(p.output_dir or workdir / "predict")
+  out_dir = pathlib.Path(p.output_dir or workdir_lib.predict_dir(workdir))
   paths = resolve_inputs(p.inputs, exclude_dir=out_dir)
   names = output_names(paths)
   # The predictors take their batch size from the stage settings; predict.batch_size rules here.

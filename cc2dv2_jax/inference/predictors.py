@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cc2dv2_jax import inputs
+from cc2dv2_jax import sharding
 from cc2dv2_jax.inference import matching
 from cc2dv2_jax.inference import voting
 from cc2dv2_jax.models import tpl_net
-from cc2dv2_jax.training import inputs
-from cc2dv2_jax.training import sharding
 from cc2dv2_jax.utils import progress
 
 

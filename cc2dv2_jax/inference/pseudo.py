@@ -1,4 +1,7 @@
-"""Pseudo-label stage: SSL template matching on every training image (REFERENCE.md 3.5)."""
+"""Pseudo-label stage: SSL template matching on every training image (REFERENCE.md 3.5).
+
+`run` writes <workdir>/pseudo/pseudo_labels.json; `load_labels` reads them back for TPL.
+"""
 import json
 import pathlib
 
@@ -6,13 +9,12 @@ import jax
 import numpy as np
 from absl import logging
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import distributed
 from cc2dv2_jax import utils
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.inference import restore
-from cc2dv2_jax.training import checkpoint
-from cc2dv2_jax.training import ssl
-from cc2dv2_jax.training import tpl
 
 
 def run(config, workdir):
@@ -26,13 +28,14 @@ def run(config, workdir):
   over `num_train_gt_images` images).
   """
   workdir = pathlib.Path(workdir)
-  path = tpl.pseudo_labels_path(workdir)
+  path = workdir_lib.pseudo_labels_path(workdir)
   if distributed.agree(path.exists()):
     return json.loads(path.read_text())
   cache = dataset.ensure_cache(config, workdir, jax.process_index())
-  info = checkpoint.export_info(ssl.export_dir(workdir))
+  export_dir = workdir_lib.export_dir(workdir, "ssl")
+  info = checkpoint.export_info(export_dir)
   if info is None:
-    raise FileNotFoundError(f"{ssl.export_dir(workdir)}: no SSL export; run --stage=ssl first")
+    raise FileNotFoundError(f"{export_dir}: no SSL export; run --stage=ssl first")
   predictor = restore.stage_predictor(config, workdir, "ssl", cache)
   rows = cache.indices("train")
   preds = predictor(cache.images[rows], desc="pseudo-labels")
@@ -58,4 +61,17 @@ def run(config, workdir):
   else:
     logging.info("pseudo-labels for %d images -> %s (mean error vs train GT %.2f px over %d "
                  "labelled images)", len(rows), path, err_px, int(scored.sum()))
+  return out
+
+
+def load_labels(workdir, cache):
+  """int [N, L, 2] pseudo-labels [y, x] for every row of the cache (rows without one: -1)."""
+  path = workdir_lib.pseudo_labels_path(workdir)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no pseudo-labels; run --stage=pseudo first")
+  data = json.loads(path.read_text())
+  out = np.full((len(cache.ids), cache.num_landmarks, 2), -1, np.int32)
+  row_of = {i: r for r, i in enumerate(cache.ids)}
+  for image_id, yx in zip(data["ids"], data["landmarks_yx"]):
+    out[row_of[image_id]] = yx
   return out

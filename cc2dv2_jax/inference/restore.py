@@ -1,20 +1,18 @@
 """Predictors rebuilt from a workdir's exports (what pseudo, eval and predict start from)."""
-import pathlib
-
+from cc2dv2_jax import checkpoint
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.inference import predictors
-from cc2dv2_jax.training import checkpoint
-from cc2dv2_jax.training import ssl
-from cc2dv2_jax.training import tpl
+from cc2dv2_jax.models import build
 
 
 def has_export(workdir, stage):
-  return checkpoint.export_info(pathlib.Path(workdir) / stage / "export") is not None
+  return checkpoint.export_info(workdir_lib.export_dir(workdir, stage)) is not None
 
 
 def ssl_predictor(config, workdir, template_image, template_yx, mesh=None):
   """SSL template matching with <workdir>/ssl/export; template_image uint8 [H,W], template_yx [L,2]."""
-  net, _ = ssl.build_models(config)
-  variables = checkpoint.restore_export(ssl.export_dir(workdir))
+  net, _ = build.ssl_models(config)
+  variables = checkpoint.restore_export(workdir_lib.export_dir(workdir, "ssl"))
   return predictors.SSLPredictor(net, variables, template_image, template_yx,
                                  mode=config.ssl.inference,
                                  imagenet_norm=config.model.imagenet_norm,
@@ -22,10 +20,10 @@ def ssl_predictor(config, workdir, template_image, template_yx, mesh=None):
 
 
 def tpl_predictor(config, workdir, size_hw, mesh=None):
-  variables = checkpoint.restore_export(tpl.export_dir(workdir))
-  return predictors.TPLPredictor(tpl.build_model(config), variables,
+  variables = checkpoint.restore_export(workdir_lib.export_dir(workdir, "tpl"))
+  return predictors.TPLPredictor(build.tpl_model(config), variables,
                                  num_landmarks=config.data.num_landmarks,
-                                 radius=tpl.radius(config, size_hw),
+                                 radius=build.tpl_radius(config, size_hw),
                                  imagenet_norm=config.model.imagenet_norm,
                                  batch_size=config.tpl.infer_batch_size, mesh=mesh)
 

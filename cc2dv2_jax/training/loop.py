@@ -14,8 +14,6 @@ import collections
 import contextlib
 import json
 import math
-import os
-import pathlib
 import signal
 import time
 
@@ -23,13 +21,13 @@ import jax
 import numpy as np
 from absl import logging
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import utils
-from cc2dv2_jax.training import checkpoint
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.training import logs
 from cc2dv2_jax.training import prefetch
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", what a scheduler should requeue on
-NONFINITE_REPORT = "nonfinite_report.json"
 
 
 class Preempted(Exception):
@@ -90,12 +88,13 @@ def _row_name(row, row_ids):
   return str(row)
 
 
-def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, log_every,
+def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log_every,
                ckpt_every, keep, max_seconds=0.0, seed=0, row_ids=None, constants=None,
                prefetch_size=2):
   """Runs `step_fn` until `total_steps` (or the time budget) and returns the final state.
 
   Args:
+    name: the stage; its checkpoints, metrics and reports go to <workdir>/<name>/ (workdir.py).
     state: a TrainState placed on `mesh` (replicated); replaced by the checkpoint when resuming.
     step_fn: pure (state, batch, rng) -> (state, metrics) with scalar metrics including "loss".
     batches: a grain iterator of numpy dicts (get_state/set_state); its "index" entry (source
@@ -103,21 +102,19 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
       non-finite loss. The other entries are put on the device `prefetch_size` batches ahead of
       the step that uses them (training/prefetch.py), so the step does not wait for its input.
     constants: device arrays added to every batch as they are (e.g. the on-device image pool).
-    stage_dir: <workdir>/<stage>; checkpoints go to stage_dir/checkpoints.
     keep: checkpoints kept besides the best one (lowest mean loss over the last log_every steps).
     row_ids: optional image id of every row (cache.ids), for the non-finite report.
   Returns:
     (state, info) with info = dict(steps, elapsed_s, stopped_by) where stopped_by is
     "steps" or "time".
   Raises:
-    NonFiniteError: a loss or gradient norm was NaN/Inf; stage_dir/nonfinite_report.json names
+    NonFiniteError: a loss or gradient norm was NaN/Inf; <name>/nonfinite_report.json names
       the step and batch; the checkpoints before it are kept.
     Preempted: SIGTERM; a checkpoint of the current step was saved.
   """
   if log_every < 1 or ckpt_every < 1:
     raise ValueError(f"log_every={log_every} and ckpt_every={ckpt_every} must be >= 1")
-  stage_dir = pathlib.Path(stage_dir)
-  ckpt = checkpoint.Checkpointer(stage_dir / "checkpoints", keep=keep)
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints_dir(workdir, name), keep=keep)
   # Wrapped before a restore: set_state then drops whatever was read ahead.
   batches = prefetch.device_prefetch(batches, mesh, size=prefetch_size)
   constants = dict(constants or {})
@@ -132,7 +129,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
     recent.extend(data.get("recent_loss", []))
     logging.info("[%s] resumed from step %d", name, ckpt.latest_step())
   start = int(jax.device_get(state.step))
-  writer = logs.MetricsWriter(stage_dir / "metrics.jsonl", total_steps, name, resume_step=start)
+  writer = logs.MetricsWriter(workdir_lib.metrics_path(workdir, name), total_steps, name, resume_step=start)
   jstep = jax.jit(step_fn, donate_argnums=0)
   rng = jax.random.key(seed)
   t0 = time.time()
@@ -150,7 +147,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
               "non_finite": {k: str(v) for k, v in bad.items()},
               "last_good_checkpoint": ckpt.latest_step(),
               "checkpoints_kept": ckpt.all_steps()}
-    path = stage_dir / NONFINITE_REPORT
+    path = workdir_lib.nonfinite_report_path(workdir, name)
     if jax.process_index() == 0:
       utils.atomic_write_text(path, json.dumps(report, indent=1))
     raise NonFiniteError(
@@ -224,11 +221,3 @@ def train_loop(*, name, state, step_fn, batches, mesh, stage_dir, total_steps, l
     ckpt.close()
   return state, {"steps": step, "elapsed_s": elapsed(), "stopped_by": stopped_by}
 
-
-def enable_compile_cache(workdir):
-  """Persistent XLA cache: a rerun or resume skips most compilation (warm start)."""
-  cache = os.environ.get("CC2D_JAX_CACHE") or str(pathlib.Path(workdir).absolute() / ".jax_cache")
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return cache

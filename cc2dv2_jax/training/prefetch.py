@@ -17,7 +17,7 @@ unbroken run would have seen.
 """
 import collections
 
-from cc2dv2_jax.training import sharding
+from cc2dv2_jax import sharding
 
 HOST_KEYS = ("index",)
 

@@ -6,37 +6,28 @@ image encoder to <workdir>/ssl/export and evaluates template matching on the tes
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import distributed
+from cc2dv2_jax import inputs
+from cc2dv2_jax import sharding
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
+from cc2dv2_jax.evaluation import evaluate
 from cc2dv2_jax.losses import ssl_loss
+from cc2dv2_jax.models import build
 from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import ssl_net
 from cc2dv2_jax.models import torch_mapping
-from cc2dv2_jax.training import checkpoint
 from cc2dv2_jax.training import device_augment
-from cc2dv2_jax.training import inputs
 from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import optim
-from cc2dv2_jax.training import sharding
 from cc2dv2_jax.training import state as state_lib
 
 STAGE = "ssl"
-
-
-def build_models(config):
-  """(image encoder, patch encoder or None when shared). The patch encoder has no RFB (paper)."""
-  m = config.model
-  dtype = jnp.dtype(m.dtype)
-  net = ssl_net.SSLNet(width=m.width, embed_dim=m.embed_dim, rfb=m.rfb, dtype=dtype)
-  patch_net = None
-  if not m.shared_encoder:
-    patch_net = ssl_net.SSLNet(width=m.width, embed_dim=m.embed_dim, rfb=False, dtype=dtype)
-  return net, patch_net
 
 
 def init_variables(config, seed, size_hw):
@@ -45,7 +36,7 @@ def init_variables(config, seed, size_hw):
   Drawn with NumPy (models/host_init.py): jitting flax's init costs ~30 s of compilation on a CPU
   for this network, the draw itself well under a second.
   """
-  net, patch_net = build_models(config)
+  net, patch_net = build.ssl_models(config)
   v = host_init.init_variables(net, (1, *size_hw, 1), seed=seed)
   params, stats = {"net": v["params"]}, {"net": v["batch_stats"]}
   if patch_net is not None:
@@ -84,7 +75,7 @@ def make_train_step(config, tx):
   The image batch and the patch batch go through the encoder in two calls, as in the reference,
   so BatchNorm sees each batch's own statistics and the running averages move twice per step.
   """
-  net, patch_net = build_models(config)
+  net, patch_net = build.ssl_models(config)
   kw = loss_kwargs(config)
   imagenet = config.model.imagenet_norm
   sc = config.ssl
@@ -180,19 +171,12 @@ def device_pool(config, cache, rows, mesh):
   return {"pool": sharding.put_replicated(np.ascontiguousarray(images[np.asarray(rows)]), mesh)}
 
 
-def export_dir(workdir):
-  return pathlib.Path(workdir) / STAGE / "export"
-
-
 def run(config, workdir):
   """Trains (or resumes) the SSL encoder, exports it and returns its test-set evaluation."""
-  # Imported here: evaluation pulls in the predictors, which import this module.
-  from cc2dv2_jax.evaluation import evaluate
-
   workdir = pathlib.Path(workdir)
-  stage_dir = workdir / STAGE
+  export_dir = workdir_lib.export_dir(workdir, STAGE)
   cache = dataset.ensure_cache(config, workdir, jax.process_index())
-  if distributed.agree(checkpoint.export_info(export_dir(workdir)) is None):
+  if distributed.agree(checkpoint.export_info(export_dir) is None):
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.ssl.batch_size, mesh, "ssl.batch_size",
                               config.ssl.per_device_batch_size)
@@ -203,13 +187,13 @@ def run(config, workdir):
     s = config.ssl
     state, info = loop.train_loop(
         name=STAGE, state=state, step_fn=make_train_step(config, tx), batches=batches,
-        mesh=mesh, constants=device_pool(config, cache, rows, mesh), stage_dir=stage_dir,
+        mesh=mesh, constants=device_pool(config, cache, rows, mesh), workdir=workdir,
         total_steps=total, log_every=s.log_every,
         ckpt_every=s.ckpt_every, keep=s.keep_checkpoints, max_seconds=s.max_seconds,
         seed=config.seed, row_ids=cache.ids)
     variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
-    checkpoint.export(export_dir(workdir), variables, {"stage": STAGE, **info})
+    checkpoint.export(export_dir, variables, {"stage": STAGE, **info})
     distributed.sync("ssl_export")  # process 0 writes export.json last; the others read it next
   if not config.ssl.eval_at_end:
-    return {"export": str(export_dir(workdir))}
+    return {"export": str(export_dir)}
   return evaluate.run_stage_eval(config, workdir, STAGE)

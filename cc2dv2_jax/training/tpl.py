@@ -4,7 +4,6 @@ Every step sees `tpl.batch_size` pseudo-labelled training images plus the templa
 labels (REFERENCE.md 4.4). Targets (disks and offsets) are built on the device from the landmark
 coordinates: 3N full-resolution maps per image would be tens of MB of host-to-device traffic.
 """
-import json
 import pathlib
 
 import jax
@@ -12,34 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cc2dv2_jax import checkpoint
 from cc2dv2_jax import distributed
+from cc2dv2_jax import inputs
+from cc2dv2_jax import sharding
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import pipeline
 from cc2dv2_jax.data import tpl_augment
+from cc2dv2_jax.evaluation import evaluate
+from cc2dv2_jax.inference import pseudo as pseudo_lib
 from cc2dv2_jax.losses import tpl_loss
+from cc2dv2_jax.models import build
 from cc2dv2_jax.models import host_init
 from cc2dv2_jax.models import torch_mapping
-from cc2dv2_jax.models import tpl_net
-from cc2dv2_jax.training import checkpoint
-from cc2dv2_jax.training import inputs
 from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import optim
-from cc2dv2_jax.training import sharding
-from cc2dv2_jax.training import ssl
 from cc2dv2_jax.training import state as state_lib
 
 STAGE = "tpl"
-
-
-def radius(config, size_hw):
-  """R = int(max(H, W) * radius_frac): 19 px on the 384 grid."""
-  return tpl_loss.default_radius(size_hw, config.tpl.radius_frac)
-
-
-def build_model(config):
-  m = config.model
-  return tpl_net.TPLNet(num_landmarks=config.data.num_landmarks, width=m.width,
-                        dtype=jnp.dtype(m.dtype))
 
 
 def init_variables(config, seed, size_hw, workdir=None):
@@ -49,7 +39,7 @@ def init_variables(config, seed, size_hw, workdir=None):
   `tpl.init_from_ssl` (the SSL stage has just trained the same VGG19 on these images; the
   reference instead starts both stages from ImageNet), from `model.pretrained_vgg`, or random.
   """
-  params = host_init.init_variables(build_model(config), (1, *size_hw, 1), seed=seed)["params"]
+  params = host_init.init_variables(build.tpl_model(config), (1, *size_hw, 1), seed=seed)["params"]
   if config.tpl.heat_prior > 0:
     # RetinaNet-style prior: start the heatmaps at sigmoid = heat_prior instead of 0.5, so the
     # focal loss is not spent for hundreds of steps pushing the background down.
@@ -58,7 +48,7 @@ def init_variables(config, seed, size_hw, workdir=None):
     bias = jnp.asarray(params["final"]["bias"]).at[:n].set(prior)
     params["final"] = {**params["final"], "bias": bias}
   if config.tpl.init_from_ssl and workdir is not None:
-    ssl_vars = checkpoint.restore_export(ssl.export_dir(workdir))
+    ssl_vars = checkpoint.restore_export(workdir_lib.export_dir(workdir, "ssl"))
     params = torch_mapping.merge_vgg_params(params, jax.device_get(ssl_vars["params"]["vgg"]))
   elif config.model.pretrained_vgg:
     vgg = torch_mapping.load_vgg_npz(config.model.pretrained_vgg, width=config.model.width)
@@ -74,8 +64,8 @@ def create_state(config, tx, mesh, size_hw, workdir=None):
 
 
 def make_train_step(config, tx, size_hw):
-  net = build_model(config)
-  r = radius(config, size_hw)
+  net = build.tpl_model(config)
+  r = build.tpl_radius(config, size_hw)
   t = config.tpl
   imagenet = config.model.imagenet_norm
 
@@ -145,40 +135,18 @@ def make_batches(config, cache, pseudo, process_index=0, process_count=1):
   return ProcessSlice(iter(batches), process_index, process_count)
 
 
-def pseudo_labels_path(workdir):
-  return pathlib.Path(workdir) / "pseudo" / "pseudo_labels.json"
-
-
-def load_pseudo_labels(workdir, cache):
-  """int [N, L, 2] pseudo-labels [y, x] for every row of the cache (rows without one: -1)."""
-  path = pseudo_labels_path(workdir)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no pseudo-labels; run --stage=pseudo first")
-  data = json.loads(path.read_text())
-  out = np.full((len(cache.ids), cache.num_landmarks, 2), -1, np.int32)
-  row_of = {i: r for r, i in enumerate(cache.ids)}
-  for image_id, yx in zip(data["ids"], data["landmarks_yx"]):
-    out[row_of[image_id]] = yx
-  return out
-
-
-def export_dir(workdir):
-  return pathlib.Path(workdir) / STAGE / "export"
-
-
 def run(config, workdir):
   """Trains (or resumes) the TPL network on the pseudo-labels, exports it and evaluates it."""
-  from cc2dv2_jax.evaluation import evaluate
-
   workdir = pathlib.Path(workdir)
+  export_dir = workdir_lib.export_dir(workdir, STAGE)
   cache = dataset.ensure_cache(config, workdir, jax.process_index())
   size_hw = tuple(cache.size_hw)
-  if distributed.agree(checkpoint.export_info(export_dir(workdir)) is None):
+  if distributed.agree(checkpoint.export_info(export_dir) is None):
     t = config.tpl
     mesh = sharding.make_mesh()
     sharding.check_batch_size(t.batch_size + 1, mesh, "tpl.batch_size + 1 (the template)",
                               t.per_device_batch_size)
-    pseudo = load_pseudo_labels(workdir, cache)
+    pseudo = pseudo_lib.load_labels(workdir, cache)
     rows = cache.indices("train")
     total, decay = optim.schedule_steps(len(rows), t.batch_size, repeats=t.repeats,
                                         epochs=t.epochs, decay_every_epochs=t.decay_every_epochs,
@@ -188,9 +156,9 @@ def run(config, workdir):
     batches = make_batches(config, cache, pseudo, jax.process_index(), jax.process_count())
     state, info = loop.train_loop(
         name=STAGE, state=state, step_fn=make_train_step(config, tx, size_hw), batches=batches,
-        mesh=mesh, stage_dir=workdir / STAGE, total_steps=total, log_every=t.log_every,
+        mesh=mesh, workdir=workdir, total_steps=total, log_every=t.log_every,
         ckpt_every=t.ckpt_every, keep=t.keep_checkpoints, max_seconds=t.max_seconds,
         seed=config.seed + 1, row_ids=cache.ids)
-    checkpoint.export(export_dir(workdir), {"params": state.params}, {"stage": STAGE, **info})
+    checkpoint.export(export_dir, {"params": state.params}, {"stage": STAGE, **info})
     distributed.sync("tpl_export")  # process 0 writes export.json last; the others read it next
   return evaluate.run_stage_eval(config, workdir, STAGE)

@@ -1,5 +1,8 @@
 """All of our orbax use sits here, because orbax's API moves between releases.
 
+Above both training (which saves train states and exports) and inference (which restores
+exports), so that neither imports the other.
+
 A training checkpoint holds the train state (params, batch_stats, optimizer state, step) and the
 data iterator's state, so a resumed run continues with the very next batch. An export holds only
 what inference needs ({'params', 'batch_stats'}) and is what the next stage restores.
@@ -18,7 +21,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-EXPORT_DONE = "export.json"
+from cc2dv2_jax.workdir import EXPORT_DONE
+
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix of a checkpoint that is still being written
 BEST_METRIC = "loss"
 
