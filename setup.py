@@ -15,8 +15,9 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["cc2dv2_jax", "cc2dv2_jax.*", "configs", "data_prep",
-                                    "launch"]),
+    # Only the package: configs/, launch/ and data_prep/ are run from a checkout
+    # (`python -m launch.ablate`, `--config=configs/ceph.py`) and import the library from it.
+    packages=find_packages(include=["cc2dv2_jax", "cc2dv2_jax.*"]),
     install_requires=requirements,
     extras_require={
         "cuda12": ["jax[cuda12]>=0.10.2,<0.13"],

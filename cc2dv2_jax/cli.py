@@ -1,23 +1,140 @@
-"""What `python -m cc2dv2_jax.main` does after flag parsing; returns the process exit status.
+"""The command line behind `python -m cc2dv2_jax.main` (main.py holds only its flags).
 
-Exit status (also in README): 0 done; 1 some stage failed; 2 bad input (config, command line,
-dataset or workdir; nothing was trained and nothing half-written was left); 3 training stopped on
-a non-finite loss or gradient (report in <workdir>/<stage>/nonfinite_report.json); 75 stopped by
-SIGTERM (checkpoint saved: rerun the same command to resume).
+Config files are loaded here, for main.py and for launch/ablate.py alike (`load_config`); a bad
+command line (unknown config key, value of the wrong type, missing config file) stops with one
+`error:` line naming the flag and exit status 2, before anything is written. `main` runs a stage
+and returns the process exit status (cc2dv2_jax/exit_codes.py, README "Reliability").
 """
 import contextlib
+import difflib
 import os
 import signal
 import sys
 
+from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
+from cc2dv2_jax import exit_codes
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 
-EXIT_SOME_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
+DEFAULT_CONFIG = "configs/demo.py"
+STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check", "predict")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config files and flag errors
+
+
+def load_config(spec, overrides=()):
+  """The ConfigDict of `--config=<spec> <overrides>`, parsed by ml_collections as main.py does.
+
+  spec: a config file, optionally with its argument ('configs/ceph.py:tiny'); overrides:
+  '--config.KEY=VALUE' flags. Raises ConfigError with the file's own last error line.
+  """
+  path = str(spec).partition(":")[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} not found (run from the repository root)")
+  argv = ["config", f"--config={spec}", *overrides]
+  fv = flags.FlagValues()
+  try:
+    # sys_argv: the override flags (--config.x=...) are defined from the argv that names the file.
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    config = fv.config
+    config.to_dict()  # ml_collections defers a config file's load error to the first access
+  except Exception as e:  # pylint: disable=broad-except  (absl wraps the file's own error)
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    raise ConfigError(f"--config={spec}: {lines[-1] if lines else e}") from e
+  return config
+
+
+def _config_spec(argv):
+  """The --config value in `argv` (last one wins, as in absl)."""
+  spec = DEFAULT_CONFIG
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
+
+
+def _overrides(argv):
+  """[(dotted key, flag text)] of the --config.KEY=VALUE flags in argv."""
+  out = []
+  for a in argv:
+    if a.startswith("--config."):
+      key = a[len("--config."):].split("=", 1)[0]
+      out.append((key, a))
+  return out
+
+
+def _unknown_key(config, key):
+  """None when `key` exists in `config`, else a message with the closest existing keys."""
+  node, done = config, []
+  for part in key.split("."):
+    children = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in children:
+      where = ".".join(done) or "the config"
+      close = difflib.get_close_matches(part, children, n=3)
+      hint = f"; did you mean {', '.join('.'.join(done + [c]) for c in close)}?" if close else (
+          f"; {where} has {sorted(children)}" if children else f"; {where} is a value, not a group")
+      return f"unknown config key {key!r}{hint}"
+    node = node[part]
+    done.append(part)
+  return None
+
+
+def explain_flag_error(argv, error):
+  """One line saying which flag is wrong and why (absl's own message or a config-key lookup)."""
+  if isinstance(error, flags.Error):
+    text = str(error)
+    if "Traceback" in text:  # a config file's own exception: keep its first and last line
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      text = f"{lines[0]} {lines[-1]}"
+    return f"bad command line: {text}"
+  spec = _config_spec(argv)
+  try:
+    config = load_config(spec)
+  except ConfigError as e:
+    return f"cannot load {e}"
+  for key, text in _overrides(argv):
+    msg = _unknown_key(config, key)
+    if msg:
+      return f"bad command line: {text}: {msg}"
+  return f"bad command line: {type(error).__name__}: {error}"
+
+
+def parse_flags(argv, flag_values):
+  """absl's parsing of `flag_values`, with every failure one `error:` line and exit status 2."""
+  try:
+    return flag_values(argv)
+  except Exception as e:  # pylint: disable=broad-except  (ml_collections raises several kinds)
+    print(f"error: {explain_flag_error(argv[1:], e)}", file=sys.stderr)
+    print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(exit_codes.BAD_INPUT)
+
+
+def main_from_flags(argv, flag_values):
+  """main() with main.py's parsed flags (config, workdir, stage, overwrite); the exit status."""
+  if len(argv) > 1:
+    print(f"error: bad command line: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return exit_codes.BAD_INPUT
+  try:
+    config = flag_values.config
+    config.to_dict()  # ml_collections defers a config file's load error to the first access
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"error: cannot load --config: {' '.join(lines[-2:])}", file=sys.stderr)
+    return exit_codes.BAD_INPUT
+  return main(config, flag_values.workdir, flag_values.stage, flag_values.overwrite)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a stage
 
 
 class _QuietLibraries:
@@ -60,6 +177,7 @@ def _remove_if_created_empty(workdir, existed):
 
 
 def main(config, workdir, stage, overwrite=False):
+  """Runs `stage` (one of STAGES) of `config` in `workdir`; returns the exit status."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
@@ -84,18 +202,18 @@ def main(config, workdir, stage, overwrite=False):
     print(f"error: {' '.join(l.strip() for l in str(e).splitlines() if l.strip())}",
           file=sys.stderr)
     _remove_if_created_empty(workdir, existed)
-    return EXIT_BAD_INPUT
+    return exit_codes.BAD_INPUT
   except loop.Preempted as e:
     logging.warning("%s", e)
     print(f"preempted: {e}", file=sys.stderr)
-    return loop.PREEMPTED_EXIT_CODE
+    return exit_codes.PREEMPTED
   except loop.NonFiniteError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
-    return EXIT_NONFINITE
+    return exit_codes.NONFINITE
   if stage == "check":
     print(f"check passed: {results}")
-    return 0
+    return exit_codes.OK
   table = results.get("markdown") if isinstance(results, dict) else None
   if table is None and isinstance(results, dict):
     last = results.get("eval") or results.get("ssl")
@@ -103,5 +221,5 @@ def main(config, workdir, stage, overwrite=False):
   if table:
     print(table)
   if isinstance(results, dict) and results.get("failed"):
-    return EXIT_SOME_FAILED
-  return 0
+    return exit_codes.SOME_FAILED
+  return exit_codes.OK

@@ -11,16 +11,16 @@ Config arguments select named ablations, e.g.
   --config=configs/ceph.py:gt=senior         senior-only ground truth (mean | senior | junior)
   --config=configs/ceph.py:tiny              a reduced-width, few-step smoke run for CPUs
 Arguments combine with commas (`:tiny,cc2d`). The ablation arguments are shared with the other
-dataset configs (configs/default.py VARIANT_ARGS, apply_variants); launch/ablate.py runs lists of
-them over several seeds and tabulates the results.
+dataset configs (cc2dv2_jax/config_lib.py VARIANT_ARGS, apply_variants); launch/ablate.py runs
+lists of them over several seeds and tabulates the results.
 """
-from configs import default
+from cc2dv2_jax import config_lib
 
 
 def get_config(arg=None):
-  a = default.parse_arg(arg, tiny=False, **default.VARIANT_ARGS)
-  c = default.get_config()
-  default.apply_variants(c, a)
+  a = config_lib.parse_arg(arg, tiny=False, **config_lib.VARIANT_ARGS)
+  c = config_lib.get_config()
+  config_lib.apply_variants(c, a)
   if a.tiny:
-    default.shrink_for_cpu(c)
+    config_lib.shrink_for_cpu(c)
   return c

@@ -38,8 +38,7 @@ Config arguments:
 import math
 import os
 
-from configs import ceph
-from configs import default
+from cc2dv2_jax import config_lib
 
 # Estimates for one H100 in bfloat16 (batch 16 SSL, batch 8 TPL at 384 x 384), to be replaced by
 # measurements: see the module docstring.
@@ -56,11 +55,11 @@ def steps_for(minutes, step_ms):
 
 
 def get_config(arg=None):
-  a = default.parse_arg(arg, root=os.environ.get("CC2D_ISBI_ROOT", ""), ssl_minutes=8.0,
+  a = config_lib.parse_arg(arg, root=os.environ.get("CC2D_ISBI_ROOT", ""), ssl_minutes=8.0,
                         tpl_minutes=4.5, ssl_step_ms=EST_SSL_STEP_MS,
                         tpl_step_ms=EST_TPL_STEP_MS, batch=16, lr=0.0, tpl_batch=7,
                         dtype="bfloat16", workers=12, vgg="", augment="device")
-  c = ceph.get_config()
+  c = config_lib.get_config()
   c.data.root = a.root
   c.data.format = "isbi"
   c.ssl.augment = a.augment

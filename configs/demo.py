@@ -2,16 +2,21 @@
 
 No download: the phantoms are generated into the workdir. Set `--config.data.root=DIR` (and a
 matching `data.num_landmarks`, `data.size_hw`) to run the same small models on real data.
-Config arg `test` shrinks it further for the test suite. The ablation arguments of
-configs/ceph.py work here too (`:test,cc2d`, `:alpha=0.07`; configs/default.py VARIANT_ARGS), so
-launch/ablate.py can be tried end to end on phantoms.
+Config args shrink it further for the test suite (config_lib.shrink_for_cpu): `test` is the demo's
+network on fewer phantoms and steps (tests/test_pipeline_demo.py), `tiny` a width-1/8 network on
+64x64 phantoms for a few steps (tests/helpers.py). The ablation arguments of configs/ceph.py work
+here too (`:test,cc2d`, `:alpha=0.07`; config_lib.VARIANT_ARGS), so launch/ablate.py can be tried
+end to end on phantoms.
 """
-from configs import default
+from cc2dv2_jax import config_lib
+
+# The test suite's phantom counts (test and tiny): 12 training, 4 + 4 test images.
+TEST_PHANTOMS = dict(num_train=12, num_test1=4, num_test2=4)
 
 
 def get_config(arg=None):
-  a = default.parse_arg(arg, test=False, **default.VARIANT_ARGS)
-  c = default.get_config()
+  a = config_lib.parse_arg(arg, test=False, tiny=False, **config_lib.VARIANT_ARGS)
+  c = config_lib.get_config()
   c.data.root = ""  # phantoms
   c.data.phantoms = dict(num_train=24, num_test1=8, num_test2=8, size_hw=(192, 160),
                          num_landmarks=8, seed=0)
@@ -42,11 +47,13 @@ def get_config(arg=None):
   c.tpl.log_every = 25
   c.tpl.ckpt_every = 100
   c.tpl.infer_batch_size = 8
-  default.apply_variants(c, a)
-  if a.test:
-    c.data.phantoms.num_train = 12
-    c.data.phantoms.num_test1 = 4
-    c.data.phantoms.num_test2 = 4
-    c.ssl.num_steps = 80
-    c.tpl.num_steps = 100
+  config_lib.apply_variants(c, a)
+  if a.tiny:
+    config_lib.shrink_for_cpu(c, ssl_batch=None, tpl_batch=None, ssl_steps=6, tpl_steps=4,
+                              ssl_intervals=(2, 3), tpl_intervals=(2, 2), size_hw=(64, 64),
+                              patch_size=32, phantoms=dict(TEST_PHANTOMS, size_hw=(80, 64)))
+  elif a.test:
+    config_lib.shrink_for_cpu(c, width=None, embed_dim=None, ssl_batch=None, tpl_batch=None,
+                              ssl_steps=80, tpl_steps=100, ssl_intervals=None, tpl_intervals=None,
+                              phantoms=TEST_PHANTOMS)
   return c

@@ -66,7 +66,7 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "ml_
     print(f"{name} MISSING: {e}")
 import jax
 print("devices", jax.devices())
-import cc2dv2_jax.bench  # noqa: F401  (imports the whole training stack)
+import cc2dv2_jax.bench.runner  # noqa: F401  (imports the whole training stack)
 EOF
 
 # GPU_CHECK_DRYRUN=1: the same commands at tiny size on a CPU, to check this script's plumbing.
@@ -116,13 +116,13 @@ case "$MODE" in
     fi
     python3 - "$OUT" <<'EOF'
 import json, os, sys
-from cc2dv2_jax import bench
+from cc2dv2_jax.bench import report
 for name in ("bench_bf16.json", "bench_fast.json", "bench_devaug.json", "bench_fp32.json"):
   path = os.path.join(sys.argv[1], name)
   if os.path.exists(path):
     r = json.load(open(path))
     print("\n" + name)
-    print(bench.format_table(r))
+    print(report.format_table(r))
     prof = r.get("profile")
     if prof and "top_ops" in prof:
       print("by kind (ms/step):", {k: round(v, 3) for k, v in prof["by_kind_ms"].items()})

@@ -20,7 +20,8 @@ import json
 import shlex
 import sys
 
-PREEMPTED_EXIT_CODE = 75  # cc2dv2_jax.training.loop: SIGTERM -> checkpoint -> exit 75
+from cc2dv2_jax import exit_codes
+
 COORDINATOR_PORT = 12355
 
 DEFAULTS = dict(name="cc2dv2", nodes=2, gpus_per_node=8, cpus_per_task=8, time="24:00:00",
@@ -65,7 +66,7 @@ def slurm(args=None, *, name, nodes, gpus_per_node, cpus_per_task, time, partiti
       "# after the script name are passed on, e.g. `sbatch launch/slurm.sbatch --config.seed=1`.",
       f"srun --kill-on-bad-exit=1 {cmd} \"$@\"",
       "rc=$?",
-      f"if [ \"$rc\" -eq {PREEMPTED_EXIT_CODE} ]; then",
+      f"if [ \"$rc\" -eq {exit_codes.PREEMPTED} ]; then",
       "  # Checkpoint written: queue the same job again; the rerun resumes from it.",
       "  scontrol requeue \"$SLURM_JOB_ID\"",
       "fi",
@@ -106,7 +107,7 @@ spec:
         template:
           spec:
             restartPolicy: Never
-            terminationGracePeriodSeconds: 180  # SIGTERM: checkpoint, exit {PREEMPTED_EXIT_CODE}
+            terminationGracePeriodSeconds: 180  # SIGTERM: checkpoint, exit {exit_codes.PREEMPTED}
             containers:
             - name: {name}
               image: {image}

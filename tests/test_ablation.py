@@ -1,4 +1,4 @@
-"""launch/ablate.py and launch/template_sensitivity.py, end to end on tiny phantom runs.
+"""launch/ablate.py (launch/ablation/) and launch/template_sensitivity.py, end to end on tiny runs.
 
 Two variants (cc2dv2, alpha=0.07) x two seeds: seed 0 runs in this process (the runner's
 in-process mode), seed 1 through the real command line (`python -m launch.ablate`, which starts
@@ -15,11 +15,15 @@ import sys
 import numpy as np
 import pytest
 
-from configs import ceph
-from configs import default
-from configs import demo
+from cc2dv2_jax import cli
+from cc2dv2_jax import config_lib
+from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
-from launch import ablate
+from configs import ceph
+from configs import demo
+from launch.ablation import jobs
+from launch.ablation import plan as plan_lib
+from launch.ablation import results
 from launch import template_sensitivity as ts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,48 +56,48 @@ def test_variant_args_shared_by_ceph_and_demo():
         mod.get_config(base + bad)
   # The paper's schedule on ISBI (150 training images, batch 8): 90,000 steps, halved every 9,000.
   cfg = json.loads(json.dumps(ceph.get_config("paper_schedule").to_dict(), default=list))
-  assert ablate.full_schedule_steps(cfg, "ssl", 150) == 90_000
-  assert ablate.schedule_name(cfg) == "paper"
+  assert results.full_schedule_steps(cfg, "ssl", 150) == 90_000
+  assert results.schedule_name(cfg) == "paper"
   code = json.loads(json.dumps(ceph.get_config().to_dict(), default=list))
-  assert ablate.full_schedule_steps(code, "ssl", 150) == 61_800
-  assert ablate.schedule_name(code) == "code"
+  assert results.full_schedule_steps(code, "ssl", 150) == 61_800
+  assert results.schedule_name(code) == "code"
   # demo keeps its own size; the variant only changes what it names.
   assert demo.get_config("test,cc2d").data.size_hw == demo.get_config("test").data.size_hw
-  assert set(default.VARIANT_ARGS) >= {"cc2d", "alpha", "beta", "paper_window", "two_encoders",
+  assert set(config_lib.VARIANT_ARGS) >= {"cc2d", "alpha", "beta", "paper_window", "two_encoders",
                                        "paper_schedule", "gt"}
 
 
 def test_variants_plan_and_tasks(tmp_path):
-  assert ablate.expand_variants("cc2dv2,alpha=0.07+beta=0.8,cc2dv2") == [
+  assert plan_lib.expand_variants("cc2dv2,alpha=0.07+beta=0.8,cc2dv2") == [
       "cc2dv2", "alpha=0.07+beta=0.8"]
-  t2 = ablate.expand_variants("table2")
+  t2 = plan_lib.expand_variants("table2")
   assert len(t2) == 9 and t2[0] == "cc2dv2"
   with pytest.raises(ConfigError):
-    ablate.expand_variants("alpha=0.07/../x")
-  runs = ablate.plan("configs/ceph.py:tiny", "cc2d,alpha=0.07+beta=0.8", [0, 1], tmp_path)
+    plan_lib.expand_variants("alpha=0.07/../x")
+  runs = plan_lib.plan("configs/ceph.py:tiny", "cc2d,alpha=0.07+beta=0.8", [0, 1], tmp_path)
   assert [r.name for r in runs] == ["cc2d/seed0", "cc2d/seed1", "alpha=0.07+beta=0.8/seed0",
                                     "alpha=0.07+beta=0.8/seed1"]
   assert runs[2].config == "configs/ceph.py:tiny,alpha=0.07,beta=0.8"
   assert runs[2].workdir == tmp_path / "alpha=0.07+beta=0.8" / "seed0"
-  c = ablate.resolve_config(runs[2].config, ["--config.seed=1", "--config.data.size_hw=64,64"])
+  c = cli.load_config(runs[2].config, ["--config.seed=1", "--config.data.size_hw=64,64"])
   assert (c.seed, tuple(c.data.size_hw), c.ssl.rdb.alpha, c.ssl.rdb.beta) == (1, (64, 64), 0.07,
                                                                               0.8)
   with pytest.raises(ConfigError):
-    ablate.resolve_config("configs/ceph.py:alpha=x")
+    cli.load_config("configs/ceph.py:alpha=x")
   with pytest.raises(ConfigError):
-    ablate.split_extra(["--workdir=/elsewhere"])
+    plan_lib.split_extra(["--workdir=/elsewhere"])
   # hosts placement: the tasks' shares are disjoint and cover every run, by run or by variant.
   for unit in ("run", "variant"):
-    shares = [ablate.select_task(runs, i, 3, unit) for i in range(3)]
+    shares = [plan_lib.select_task(runs, i, 3, unit) for i in range(3)]
     names = [r.name for s in shares for r in s]
     assert sorted(names) == sorted(r.name for r in runs)
-  assert {r.variant for r in ablate.select_task(runs, 1, 2, "variant")} == {"alpha=0.07+beta=0.8"}
+  assert {r.variant for r in plan_lib.select_task(runs, 1, 2, "variant")} == {"alpha=0.07+beta=0.8"}
   env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "5"}
   old = {k: os.environ.get(k) for k in (*env, "SLURM_ARRAY_TASK_COUNT")}
   try:
     os.environ.pop("SLURM_ARRAY_TASK_COUNT", None)
     os.environ.update(env)
-    assert ablate._task_from_env(None, None) == (3, 6)
+    assert jobs.task_from_env(None, None) == (3, 6)
   finally:
     for k, v in old.items():
       if v is None:
@@ -128,7 +132,7 @@ def test_collect_arithmetic_and_paper_column(tmp_path):
   _fake_run(tmp_path, "alpha=0.04", 0, 3.5, 3.4)
   _fake_run(tmp_path, "beta=0.5", 0, 3.2, 3.0)
   _fake_run(tmp_path, "paper_window", 0, 2.8, 2.7)
-  paths = ablate.collect_results(tmp_path)
+  paths = results.collect_results(tmp_path)
   rows = {(r["variant"], r["protocol"]): r for r in csv.DictReader(open(paths["table.csv"]))}
   g = rows[("cc2dv2", "grid")]
   vals = np.array([2.6, 2.9, 3.1])
@@ -144,9 +148,9 @@ def test_collect_arithmetic_and_paper_column(tmp_path):
   md = paths["table.md"].read_text()
   assert "| cc2dv2 | 0.10 | 0.70 | 3 | 2.867 ± 0.252 |" in md
   # Sweeps: cc2dv2 and alpha=0.04 on the alpha axis; cc2dv2 and beta=0.5 on the beta axis.
-  records = ablate.find_runs(tmp_path)
-  assert list(ablate.sweep(records, "alpha")) == [0.04, 0.1]
-  assert list(ablate.sweep(records, "beta")) == [0.5, 0.7]
+  records = results.find_runs(tmp_path)
+  assert list(results.sweep(records, "alpha")) == [0.04, 0.1]
+  assert list(results.sweep(records, "beta")) == [0.5, 0.7]
   assert paths["mre_vs_alpha.png"].exists() and paths["mre_vs_beta.png"].exists()
 
 
@@ -159,10 +163,9 @@ def ablation(tmp_path_factory):
   """Three runs in process (no JAX start per run), then the command line for all four: it must
   skip those three and start alpha=0.07/seed1 as `python -m cc2dv2_jax.main`."""
   root = tmp_path_factory.mktemp("ablation")
-  first = ablate.run_ablation(CONFIG, VARIANTS, [0], root, extra=[EXTRA], in_process=True,
-                              collect=False)
-  first.update(ablate.run_ablation(CONFIG, "cc2dv2", [1], root, extra=[EXTRA], in_process=True,
-                                   collect=False))
+  in_process = jobs.Options(extra=(EXTRA,), in_process=True, collect=False)
+  first = jobs.run_ablation(CONFIG, VARIANTS, [0], root, in_process)
+  first.update(jobs.run_ablation(CONFIG, "cc2dv2", [1], root, in_process))
   cmd = [sys.executable, "-m", "launch.ablate", f"--config={CONFIG}", f"--variants={VARIANTS}",
          "--seeds=0,1", f"--root={root}", f"--extra={EXTRA}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -177,7 +180,7 @@ def test_runner_end_to_end(ablation):
                "alpha=0.07/seed1: done"):
     assert line in stdout, stdout
   # alpha=0.07/seed1 went through the real command line, sharing the one prepared data cache.
-  info = json.loads((root / "alpha=0.07" / "seed1" / ablate.RUN_INFO).read_text())
+  info = json.loads((root / "alpha=0.07" / "seed1" / plan_lib.RUN_INFO).read_text())
   cmd = info["attempts"][-1]["command"]
   assert "-m cc2dv2_jax.main" in cmd and "--config=configs/demo.py:test,alpha=0.07" in cmd
   assert f"--config.data.cache_dir={root / 'data_cache'}" in cmd
@@ -209,14 +212,13 @@ def test_rerun_skips_everything(ablation, monkeypatch):
   def no_run(*args, **kwargs):
     raise AssertionError("a finished run was started again")
 
-  monkeypatch.setattr(ablate.subprocess, "Popen", no_run)
-  from cc2dv2_jax import cli
+  monkeypatch.setattr(jobs.subprocess, "Popen", no_run)
   monkeypatch.setattr(cli, "main", no_run)
   for in_process in (False, True):
-    statuses = ablate.run_ablation(CONFIG, VARIANTS, [0, 1], root, extra=[EXTRA],
-                                   in_process=in_process)
+    statuses = jobs.run_ablation(CONFIG, VARIANTS, [0, 1], root,
+                                 jobs.Options(extra=(EXTRA,), in_process=in_process))
     assert set(statuses.values()) == {"skipped"} and len(statuses) == 4
-  assert ablate.exit_code(statuses) == 0
+  assert jobs.exit_code(statuses) == 0
 
 
 def test_template_sensitivity(ablation):
@@ -236,7 +238,7 @@ def test_template_sensitivity(ablation):
         np.std(mres, ddof=1))
     assert (s["min"], s["max"]) == (min(mres), max(mres))
   assert ts.is_done(run_dir, 3) and not ts.is_done(run_dir, 5)
-  md = (ts.out_dir_of(run_dir) / ts.MD_NAME).read_text()
+  md = (workdir_lib.template_sensitivity_dir(run_dir) / ts.MD_NAME).read_text()
   assert "001 *" in md and "max − min" in md
-  paths = ablate.collect_results(root)
+  paths = results.collect_results(root)
   assert "Template sensitivity" in paths["table.md"].read_text()

@@ -16,18 +16,21 @@ import jax
 import numpy as np
 import pytest
 
-from cc2dv2_jax import bench
+from cc2dv2_jax.bench import fake_data
+from cc2dv2_jax.bench import profiling
+from cc2dv2_jax.bench import report
+from cc2dv2_jax.bench import runner
+from cc2dv2_jax.bench import steps
 from cc2dv2_jax import sharding
 from cc2dv2_jax.losses import tpl_loss
 from cc2dv2_jax.training import prefetch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# No RFB blocks (built from the same Conv + BatchNorm layers as the decoder): a third less to
-# compile in the SSL step, which with the naive step's per-primitive compiles is this test's cost.
-TINY = ["--config=configs/demo.py:test", "--config.model.width=0.125", "--config.model.rfb=False",
-        "--config.model.embed_dim=16", "--config.data.size_hw=(64,64)",
-        "--config.ssl.patch_size=32", "--config.ssl.batch_size=4", "--config.tpl.batch_size=3",
+# The tests' tiny model without RFB blocks (built from the same Conv + BatchNorm layers as the
+# decoder): a third less to compile in the SSL step, which with the naive step's per-primitive
+# compiles is this test's cost.
+TINY = ["--config=configs/demo.py:tiny", "--config.model.rfb=False", "--config.ssl.batch_size=4",
         "--warmup=1", "--iters=3", "--naive_iters=1", "--workers=0,1",
         "--pipeline_seconds=0.5"]
 
@@ -54,7 +57,7 @@ def tiny_results(tmp_path_factory):
 
 def test_every_section_reports_positive_numbers(tiny_results):
   r, stdout = tiny_results
-  for name in bench.ALL_SECTIONS + ("env", "profile"):
+  for name in runner.ALL_SECTIONS + ("env", "profile"):
     assert name in r, name
     assert "error" not in r[name], (name, r[name].get("error"))
   for name in ("ssl_step", "tpl_step"):
@@ -106,7 +109,7 @@ def test_profile_summary(tiny_results):
 def test_host_targets_equal_device_targets():
   rng = np.random.default_rng(0)
   lm = rng.integers(0, 40, (2, 3, 2)).astype(np.int32)
-  mask, off_y, off_x = bench.host_tpl_targets(lm, (40, 36), 5)
+  mask, off_y, off_x = steps.host_tpl_targets(lm, (40, 36), 5)
   for b in range(2):
     ref = tpl_loss.make_targets(lm[b], (40, 36), 5)
     for got, want in zip((mask[b], off_y[b], off_x[b]), ref):
@@ -115,10 +118,10 @@ def test_host_targets_equal_device_targets():
 
 
 def test_table_shows_errors():
-  text = bench.format_table({"env": {}, "ssl_step": {"error": "RuntimeError: boom"}})
+  text = report.format_table({"env": {}, "ssl_step": {"error": "RuntimeError: boom"}})
   assert "ERROR" in text and "boom" in text
-  assert bench.has_errors({"ssl_step": {"error": "x"}})
-  assert not bench.has_errors({"env": {}})
+  assert report.has_errors({"ssl_step": {"error": "x"}})
+  assert not report.has_errors({"env": {}})
 
 
 def test_categorize_and_parts():
@@ -127,11 +130,11 @@ def test_categorize_and_parts():
          '  %custom-call.1 = (f32[1,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), '
          'custom_call_target="__cudnn$convForward", '
          'metadata={op_name="jit(step)/jvp(SSLNet)/up1/conv/double_conv_0/conv_general_dilated"}')
-  index = bench.hlo_index(hlo)
-  assert bench.categorize("custom-call.1", index) == "convolution"
-  assert bench.module_of("custom-call.1", index) == ("fwd", "up1")
-  assert bench.module_of("fusion.3", index) == ("bwd", "vgg")
-  assert bench.categorize("fusion.3", index) == "elementwise/other"
+  index = profiling.hlo_index(hlo)
+  assert profiling.categorize("custom-call.1", index) == "convolution"
+  assert profiling.module_of("custom-call.1", index) == ("fwd", "up1")
+  assert profiling.module_of("fusion.3", index) == ("bwd", "vgg")
+  assert profiling.categorize("fusion.3", index) == "elementwise/other"
 
 
 class _Counter:
@@ -221,9 +224,9 @@ def test_ssl_step_with_device_augmentation_lowers_from_shapes():
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{"ssl.augment": "device", "model.rfb": False})
   mesh = sharding.make_mesh()
-  jstep, state, batch, rng = bench.abstract_ssl_inputs(config, mesh)
+  jstep, state, batch, rng = steps.abstract_ssl_inputs(config, mesh)
   assert set(batch) == {"row", "pool"}
-  assert batch["pool"].shape == (bench._NUM_TRAIN, 64, 64)  # pylint: disable=protected-access
+  assert batch["pool"].shape == (fake_data.NUM_TRAIN, 64, 64)
   assert batch["pool"].sharding == sharding.replicated(mesh)
   out = jstep.lower(state, batch, rng).out_info
   assert out[1]["loss"].shape == ()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cc2dv2_jax import figures
 from cc2dv2_jax.errors import ConfigError
-from cc2dv2_jax.evaluation import figures
 from tests.helpers import tiny_config
 from tests.test_predict import make_workdir
 

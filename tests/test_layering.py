@@ -115,6 +115,17 @@ def test_launch_tools_that_read_workdirs_do_not_import_training(name):
   assert not bad, "\n".join(bad)
 
 
+def test_no_unlisted_deferred_imports_of_our_modules():
+  """Function-level imports of cc2dv2_jax modules are the listed ones (never to dodge a cycle)."""
+  found = set()
+  for path in _package_files():
+    rel = str(path.relative_to(PKG))
+    for module, line, deferred in _imports(path):
+      if deferred and module.startswith("cc2dv2_jax.") and (rel, module) not in DEFERRED_OK:
+        found.add(f"{rel}:{line} {module}")
+  assert not found, "\n".join(sorted(found))
+
+
 def test_inference_and_evaluation_load_without_the_training_stack():
   """Imported for real in a fresh process: no training module, no grain, no optax."""
   code = ("import sys\n"

@@ -19,6 +19,7 @@ from PIL import Image
 
 from cc2dv2_jax import checkpoint
 from cc2dv2_jax import cli
+from cc2dv2_jax import exit_codes
 from cc2dv2_jax import sharding
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
@@ -256,7 +257,7 @@ def test_predict_mixed_folder_with_tpl(tmp_path_factory, ssl_workdir, inputs, co
   out_dir = tmp_path_factory.mktemp("out_tpl")
   given = _given_config(inputs, out_dir)
   rc = cli.main(given, str(workdir), "predict")
-  assert rc == cli.EXIT_SOME_FAILED == 1
+  assert rc == exit_codes.SOME_FAILED == 1
   report = capsys.readouterr().out
   assert "d_corrupt.png" in report and "could not be read" in report and "TPL" in report
   failed = (out_dir / predict.FAILED_NAME).read_text().splitlines()
@@ -291,7 +292,7 @@ def test_predict_ssl_only_good_inputs(tmp_path, ssl_workdir, inputs, config, cap
 
 def test_predict_clear_errors(tmp_path, ssl_workdir, config):
   given = _given_config(tmp_path / "nothing_here", tmp_path / "out")
-  assert cli.main(given, str(ssl_workdir), "predict") == cli.EXIT_BAD_INPUT
+  assert cli.main(given, str(ssl_workdir), "predict") == exit_codes.BAD_INPUT
   # A folder that is not a trained workdir.
   (tmp_path / "x.png").write_bytes(b"x")
   given = _given_config(tmp_path / "x.png", tmp_path / "out")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cc2dv2_jax import cli
+from cc2dv2_jax import exit_codes
 from cc2dv2_jax.data import custom
 from cc2dv2_jax.data import phantoms
 from tests import helpers
@@ -52,7 +53,7 @@ def _fails(config, workdir, capsys, stage="check", overwrite=False):
   """Runs the CLI in process; asserts exit status 2; returns the one-line error message."""
   status = cli.main(config, workdir, stage, overwrite)
   err = capsys.readouterr().err
-  assert status == cli.EXIT_BAD_INPUT, err
+  assert status == exit_codes.BAD_INPUT, err
   lines = [l for l in err.splitlines() if l.startswith("error: ")]
   assert len(lines) == 1, err
   return lines[0][len("error: "):]

@@ -18,6 +18,7 @@ import pytest
 
 from cc2dv2_jax import checkpoint
 from cc2dv2_jax import cli
+from cc2dv2_jax import exit_codes
 from cc2dv2_jax import sharding
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
@@ -127,7 +128,8 @@ def test_nonfinite_stops_with_report_and_keeps_last_good(cache, tmp_path, poison
   restored, _ = ckpt.restore(_state(sharding.make_mesh()))
   ckpt.close()
   assert np.isfinite(float(restored.params["w"])) and int(restored.step) == 6
-  lines = [json.loads(l) for l in workdir_lib.metrics_path(tmp_path, STAGE).read_text().splitlines()]
+  metrics = workdir_lib.metrics_path(tmp_path, STAGE).read_text()
+  lines = [json.loads(l) for l in metrics.splitlines()]
   assert all(l["step"] < bad_step for l in lines)
 
 
@@ -174,8 +176,8 @@ def test_checkpoints_are_last_k_plus_best(cache, tmp_path):
 
 
 @pytest.mark.parametrize("error,status", [
-    (loop.NonFiniteError("nan at step 3"), cli.EXIT_NONFINITE),
-    (loop.Preempted("SIGTERM at step 3"), loop.PREEMPTED_EXIT_CODE),
+    (loop.NonFiniteError("nan at step 3"), exit_codes.NONFINITE),
+    (loop.Preempted("SIGTERM at step 3"), exit_codes.PREEMPTED),
 ])
 def test_cli_exit_status(tmp_path, monkeypatch, capsys, error, status):
   from cc2dv2_jax import preflight

@@ -5,6 +5,7 @@ import pytest
 from absl import logging
 
 from cc2dv2_jax import cli
+from cc2dv2_jax import exit_codes
 from cc2dv2_jax import workdir as workdir_lib
 from tests import helpers
 
@@ -60,7 +61,7 @@ def test_tpl_change_retrains_tpl_only(finished, capsys):
   changed = helpers.tiny_config(**{"tpl.lr": 3 * config.tpl.lr})
   capsys.readouterr()
   # Without --overwrite the finished TPL stage is not thrown away silently.
-  assert cli.main(changed, str(workdir), "all") == cli.EXIT_BAD_INPUT
+  assert cli.main(changed, str(workdir), "all") == exit_codes.BAD_INPUT
   err = capsys.readouterr().err
   assert "tpl.lr" in err and "tpl, eval" in err and "kept: data_cache" in err, err
   assert _snapshot(workdir / "ssl") == ssl_before
@@ -97,3 +98,4 @@ def test_change_of_a_stage_not_run_yet_needs_no_overwrite(tmp_path):
   changed = helpers.tiny_config(**{"tpl.lr": 0.5, "ssl.lr": 0.5})
   assert cli.main(changed, str(workdir), "check") == 0
   assert json.loads((workdir / "config.json").read_text())["ssl"]["lr"] == 0.5
+

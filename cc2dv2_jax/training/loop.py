@@ -27,7 +27,6 @@ from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.training import logs
 from cc2dv2_jax.training import prefetch
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", what a scheduler should requeue on
 
 
 class Preempted(Exception):
@@ -129,7 +128,8 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
     recent.extend(data.get("recent_loss", []))
     logging.info("[%s] resumed from step %d", name, ckpt.latest_step())
   start = int(jax.device_get(state.step))
-  writer = logs.MetricsWriter(workdir_lib.metrics_path(workdir, name), total_steps, name, resume_step=start)
+  writer = logs.MetricsWriter(workdir_lib.metrics_path(workdir, name), total_steps, name,
+                              resume_step=start)
   jstep = jax.jit(step_fn, donate_argnums=0)
   rng = jax.random.key(seed)
   t0 = time.time()

@@ -18,6 +18,17 @@ def adam_l2(schedule, weight_decay):
   )
 
 
+def make_optimizer(s, num_train):
+  """(optax transform, total steps) of a stage's schedule; `s` is config.ssl or config.tpl.
+
+  Adam with L2 (`adam_l2`), the learning rate `s.lr` times `s.decay_factor` every
+  `s.decay_every_epochs` epochs of `num_train * s.repeats` items (see `schedule_steps`).
+  """
+  total, decay = schedule_steps(num_train, s.batch_size, repeats=s.repeats, epochs=s.epochs,
+                                decay_every_epochs=s.decay_every_epochs, num_steps=s.num_steps)
+  return adam_l2(step_schedule(s.lr, decay, s.decay_factor), s.weight_decay), total
+
+
 def schedule_steps(num_train, batch_size, *, repeats, epochs, decay_every_epochs, num_steps=-1):
   """(total steps, decay interval in steps) of an epoch schedule, or compressed to `num_steps`.
 

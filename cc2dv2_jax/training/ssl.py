@@ -122,11 +122,8 @@ def make_train_step(config, tx):
 
 
 def make_optimizer(config, num_train):
-  s = config.ssl
-  total, decay = optim.schedule_steps(num_train, s.batch_size, repeats=s.repeats, epochs=s.epochs,
-                                      decay_every_epochs=s.decay_every_epochs,
-                                      num_steps=s.num_steps)
-  return optim.adam_l2(optim.step_schedule(s.lr, decay, s.decay_factor), s.weight_decay), total
+  """(optax transform, total steps): the SSL schedule over `num_train` training images."""
+  return optim.make_optimizer(config.ssl, num_train)
 
 
 def create_state(config, tx, mesh, size_hw):

@@ -56,6 +56,11 @@ def init_variables(config, seed, size_hw, workdir=None):
   return {"params": params}
 
 
+def make_optimizer(config, num_train):
+  """(optax transform, total steps): the TPL schedule over `num_train` training images."""
+  return optim.make_optimizer(config.tpl, num_train)
+
+
 def create_state(config, tx, mesh, size_hw, workdir=None):
   params = init_variables(config, config.seed + 1, size_hw, workdir)["params"]
   params = sharding.put_replicated(params, mesh)
@@ -148,10 +153,7 @@ def run(config, workdir):
                               t.per_device_batch_size)
     pseudo = pseudo_lib.load_labels(workdir, cache)
     rows = cache.indices("train")
-    total, decay = optim.schedule_steps(len(rows), t.batch_size, repeats=t.repeats,
-                                        epochs=t.epochs, decay_every_epochs=t.decay_every_epochs,
-                                        num_steps=t.num_steps)
-    tx = optim.adam_l2(optim.step_schedule(t.lr, decay, t.decay_factor), t.weight_decay)
+    tx, total = make_optimizer(config, len(rows))
     state = create_state(config, tx, mesh, size_hw, workdir)
     batches = make_batches(config, cache, pseudo, jax.process_index(), jax.process_count())
     state, info = loop.train_loop(
