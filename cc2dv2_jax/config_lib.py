@@ -13,7 +13,6 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stage = "all"  # Only a default: main.py's --stage flag wins.
 
   c.data = dict(
       # Raw dataset root; empty means "generate synthetic phantoms into the workdir".

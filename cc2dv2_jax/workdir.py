@@ -5,8 +5,8 @@ training, inference, evaluation and the launch tools agree on it without importi
 No JAX in this module: the data layer takes its cache and phantom folders from it too, and the
 callers decide which process writes (`is_main`).
 
-Identity: config.json records the config of the run; every output in the workdir was made by it. A new
-config is compared with it key by key; each key belongs to a group (`GROUPS`) and each output
+Identity: config.json records the config of the run; every output in the workdir was made by it.
+A new config is compared with it key by key; each key belongs to a group (`GROUPS`) and each output
 lists the groups its content depends on (`OUTPUTS`), so a change removes exactly the outputs that
 depend on it: `tpl.*` redoes TPL and the summary and keeps the data cache, the SSL model, the
 SSL-only evaluation and the pseudo-labels; `ssl.*` (or `model.*`, `seed`) redoes SSL and
@@ -113,11 +113,13 @@ def compile_cache_dir(workdir):
 # Identity
 
 # Settings that change how a run is executed or reported, not what it computes.
-_IGNORED = ("ssl.per_device_batch_size", "tpl.per_device_batch_size", "stage", "compile_cache",
+_IGNORED = ("ssl.per_device_batch_size", "tpl.per_device_batch_size", "compile_cache",
             "distributed", "data.num_workers", "data.cache_dir", "predict", "ssl.log_every",
             "ssl.ckpt_every", "ssl.keep_checkpoints", "ssl.max_seconds", "ssl.infer_batch_size",
             "ssl.eval_at_end", "tpl.log_every", "tpl.ckpt_every", "tpl.keep_checkpoints",
             "tpl.max_seconds", "tpl.infer_batch_size", "eval.overlays")
+# Keys that older configs had and nothing reads any more: a workdir recorded with them stays valid.
+_RETIRED = ("stage",)
 # Config groups, in the order their stages run: the data, SSL training, template matching
 # (pseudo-labels and the SSL-only evaluation), TPL training, the evaluation settings.
 GROUPS = ("data", "ssl", "pseudo", "tpl", "eval")
@@ -147,17 +149,14 @@ OUTPUTS = {
 _TRASH = ".trash-"
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if any(key == i or key.startswith(i + ".") for i in _IGNORED):
-      continue
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = list(v) if isinstance(v, tuple) else v
-  return out
+def _flatten(d):
+  """{'a.b': leaf} of a nested dict without _IGNORED and _RETIRED keys (tuples as JSON lists)."""
+  # Imported here, not at the top: the data layer imports this module for its paths and must
+  # stay free of JAX, which flax imports.
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in traverse_util.flatten_dict(d, sep=".").items()
+          if not any(k == i or k.startswith(i + ".") for i in _IGNORED + _RETIRED)}
 
 
 def group_of(key):

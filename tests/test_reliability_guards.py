@@ -53,10 +53,7 @@ def _step(state, batch, rng):
     return jnp.mean((wx - 0.5) ** 2) + jnp.sqrt(jnp.mean(wx)) / 100.0
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  tx = optax.sgd(0.1)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+  return (state.apply_gradients(grads, optax.sgd(0.1)),
           {"loss": loss, "grad_norm": optax.tree.norm(grads)})
 
 
@@ -102,6 +99,24 @@ def _train(cache, workdir, total, hook=None, log_every=2, ckpt_every=3, keep=2):
       total_steps=total, log_every=log_every, ckpt_every=ckpt_every, keep=keep,
       row_ids=cache.ids, prefetch_size=READ_AHEAD)
   return state, info, it.taken
+
+
+def test_step_key_is_the_seed_folded_with_the_step(cache, tmp_path):
+  """The loop passes one base key; the jitted step sees fold_in(key(seed), step), the step being
+  the state's before the update: the keys a resumed run draws again."""
+
+  def step(state, batch, rng):
+    new_state, metrics = _step(state, batch, rng)
+    return new_state, {**metrics, "draw": jax.random.uniform(rng)}
+
+  mesh = sharding.make_mesh()
+  loop.train_loop(name=STAGE, state=_state(mesh), step_fn=step, batches=_batches(cache),
+                  mesh=mesh, workdir=tmp_path, total_steps=4, log_every=1, ckpt_every=10, keep=1,
+                  seed=7)
+  metrics = workdir_lib.metrics_path(tmp_path, STAGE).read_text()
+  lines = [json.loads(l) for l in metrics.splitlines()]
+  want = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(7), k))) for k in range(4)]
+  assert [l["draw"] for l in lines] == want
 
 
 @pytest.mark.parametrize("poison,bad_key", [(np.nan, "loss"), (0.0, "grad_norm")])

@@ -99,3 +99,11 @@ def test_change_of_a_stage_not_run_yet_needs_no_overwrite(tmp_path):
   assert cli.main(changed, str(workdir), "check") == 0
   assert json.loads((workdir / "config.json").read_text())["ssl"]["lr"] == 0.5
 
+
+def test_retired_keys_of_old_records_are_no_change(tmp_path):
+  """config.json written before `stage` left the config still matches the same config."""
+  config = helpers.tiny_config()
+  old = json.loads(workdir_lib.config_json(config))
+  old["stage"] = "all"
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(old))
+  assert workdir_lib.config_diff(tmp_path, config) == []

@@ -70,15 +70,6 @@ def _tuples(v):
   return v
 
 
-def _deep_update(base, new):
-  for k, v in new.items():
-    if isinstance(v, dict) and isinstance(base.get(k), dict):
-      _deep_update(base[k], v)
-    else:
-      base[k] = v
-  return base
-
-
 def load_run_config(workdir, config):
   """The config `workdir` was trained with, with the run-time settings of `config`.
 
@@ -92,15 +83,17 @@ def load_run_config(workdir, config):
   """
   path = pathlib.Path(workdir) / workdir_lib.CONFIG_FILE
   given = config.to_dict()
-  merged = json.loads(json.dumps(given, default=list))
+  # Untyped: a recorded value wins even where its JSON type differs from the given one's.
+  merged = ml_collections.ConfigDict(json.loads(json.dumps(given, default=list)), type_safe=False)
   if path.exists():
     try:
       recorded = json.loads(path.read_text())
     except ValueError as e:
       raise DataError(path, f"cannot parse the run's config ({e})") from None
-    _deep_update(merged, recorded)
+    merged.update(recorded)  # recursive: groups are merged key by key
   else:
     logging.warning("%s not found: using the given config for the model settings", path)
+  merged = merged.to_dict()
   merged["predict"] = json.loads(json.dumps(given["predict"], default=list))
   for key in ("compile_cache", "distributed"):
     if key in given:

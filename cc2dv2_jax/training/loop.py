@@ -7,8 +7,9 @@ step and batch at fault, and a clean exit on SIGTERM (preemption) after saving.
 Interruption-proof by construction: the checkpoint holds the train state, the data iterator's
 position, and the per-step metrics of the unfinished log interval. A run killed at any moment and
 rerun therefore replays exactly the steps after its last checkpoint with the same batches and the
-same per-step RNG (`fold_in(seed, step)`), and writes the same metrics.jsonl lines as a run that
-was never interrupted (tests/test_reliability_kill.py checks this bit for bit on CPU).
+same per-step RNG (`fold_in(key(seed), step)`, folded inside the jitted step), and writes the same
+metrics.jsonl lines as a run that was never interrupted (tests/test_reliability_kill.py checks
+this bit for bit on CPU).
 """
 import collections
 import contextlib
@@ -95,7 +96,8 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
   Args:
     name: the stage; its checkpoints, metrics and reports go to <workdir>/<name>/ (workdir.py).
     state: a TrainState placed on `mesh` (replicated); replaced by the checkpoint when resuming.
-    step_fn: pure (state, batch, rng) -> (state, metrics) with scalar metrics including "loss".
+    step_fn: pure (state, batch, rng) -> (state, metrics) with scalar metrics including "loss";
+      rng is the step's own key, fold_in(key(seed), state.step) with the step before the update.
     batches: a grain iterator of numpy dicts (get_state/set_state); its "index" entry (source
       image rows, -1 for TPL's template) stays on the host and names a batch that produced a
       non-finite loss. The other entries are put on the device `prefetch_size` batches ahead of
@@ -130,7 +132,12 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
   start = int(jax.device_get(state.step))
   writer = logs.MetricsWriter(workdir_lib.metrics_path(workdir, name), total_steps, name,
                               resume_step=start)
-  jstep = jax.jit(step_fn, donate_argnums=0)
+  def keyed_step(state, batch, rng):
+    # The per-step key is derived inside the compiled step (as big_vision does): the host
+    # passes the same base key every step and does no work of its own for it.
+    return step_fn(state, batch, jax.random.fold_in(rng, state.step))
+
+  jstep = jax.jit(keyed_step, donate_argnums=0)
   rng = jax.random.key(seed)
   t0 = time.time()
   pending = []  # (step, batch rows, device metrics) not fetched yet: one host sync per flush
@@ -204,7 +211,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
         raise Preempted(f"[{name}] SIGTERM at step {step} (data workers stopped): checkpoint "
                         f"saved, rerun to resume") from None
       ids = np.asarray(batch.pop("index"))
-      state, metrics = jstep(state, {**batch, **constants}, jax.random.fold_in(rng, step))
+      state, metrics = jstep(state, {**batch, **constants}, rng)
       step += 1
       pending.append((step, ids, metrics))
       if step % log_every == 0 or step == total_steps:

@@ -109,14 +109,10 @@ def make_train_step(config, tx):
 
     (loss, (per_layer, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     for i, stride in enumerate(ssl_net.STRIDES):
       metrics[f"loss_s{stride}"] = per_layer[i]
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state)
-    return new_state, metrics
+    return state.apply_gradients(grads, tx, batch_stats=new_stats), metrics
 
   return step
 

@@ -4,6 +4,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @flax.struct.dataclass
@@ -17,6 +18,13 @@ class TrainState:
   def create(cls, params, batch_stats, tx):
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                opt_state=tx.init(params))
+
+  def apply_gradients(self, grads, tx, **changes):
+    """The state after one step of `tx` on `grads` (step + 1); `changes` replaces other fields,
+    e.g. the batch_stats the forward pass updated."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **changes)
 
 
 def all_finite(tree):

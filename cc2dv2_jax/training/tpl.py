@@ -84,10 +84,8 @@ def make_train_step(config, tx, size_hw):
                                reference_quirks=t.reference_quirks)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.apply_gradients(grads, tx), metrics
 
   return step
 
