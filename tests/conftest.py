@@ -1,5 +1,12 @@
-"""Fast CPU tests: 4 fake devices so sharding is exercised without accelerators."""
+"""Fast CPU tests: 4 fake devices so sharding is exercised without accelerators.
+
+Tiers (pytest.ini): `integration` tests run commands or whole stages end to end, `slow` ones take
+more than about 30 s on 2 cores; `-m "not slow and not integration"` is the fast tier.
+"""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -9,13 +16,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib
 
+import jax
 import pytest
 from absl import flags
+
+from tests import helpers
 
 # grain's multiprocessing prefetch reads absl flags.
 flags.FLAGS.mark_as_parsed()
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+# One persistent compilation cache for the session (this process only; set before the first
+# compile, which fixes it for the process): tests that build the same program again, e.g. a train
+# step in every run of a resume test, load it instead of compiling it. Empty at every start.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="cc2d_test_jax_cache_")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """helpers.fast_compile for a whole module (`pytestmark = pytest.mark.usefixtures(...)`)."""
+  with helpers.fast_compile():
+    yield
+
+
+def pytest_collection_modifyitems(items):
+  """Every test that reads the real dataset ($CC2D_ISBI_ROOT, by its fixture) is an integration
+  test: it depends on data outside the repository."""
+  for item in items:
+    if "isbi_root_session" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture

@@ -1,5 +1,12 @@
 """Shared builders for tests: tiny configs that run in seconds on a CPU."""
+import contextlib
+
+import jax
+
 from configs import demo
+
+# For the subprocesses of tests that check workflow, not numerics (see `fast_compile`).
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 def tiny_config(**overrides):
@@ -13,3 +20,16 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+@contextlib.contextmanager
+def fast_compile():
+  """XLA with most optimisations off: the tiny programs compile about twice as fast and run a
+  little slower. Only for tests of workflow (stages, resume, files), never of parity or learning:
+  what they compare was computed under the same setting."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)

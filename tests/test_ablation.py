@@ -21,10 +21,14 @@ from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
 from configs import ceph
 from configs import demo
+from launch import template_sensitivity as ts
 from launch.ablation import jobs
 from launch.ablation import plan as plan_lib
 from launch.ablation import results
-from launch import template_sensitivity as ts
+from tests import helpers
+
+# Workflow, not numerics: XLA's optimisations off halves the compile time (helpers.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo.py:test"
@@ -159,7 +163,7 @@ def test_collect_arithmetic_and_paper_column(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
+def ablation(fast_compile, tmp_path_factory):  # pylint: disable=unused-argument
   """Three runs in process (no JAX start per run), then the command line for all four: it must
   skip those three and start alpha=0.07/seed1 as `python -m cc2dv2_jax.main`."""
   root = tmp_path_factory.mktemp("ablation")
@@ -168,11 +172,14 @@ def ablation(tmp_path_factory):
   first.update(jobs.run_ablation(CONFIG, "cc2dv2", [1], root, in_process))
   cmd = [sys.executable, "-m", "launch.ablate", f"--config={CONFIG}", f"--variants={VARIANTS}",
          "--seeds=0,1", f"--root={root}", f"--extra={EXTRA}"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, **helpers.FAST_COMPILE_ENV})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return root, first, proc.stdout
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_runner_end_to_end(ablation):
   root, first, stdout = ablation
   assert first == {"cc2dv2/seed0": "done", "alpha=0.07/seed0": "done", "cc2dv2/seed1": "done"}
@@ -206,6 +213,8 @@ def test_runner_end_to_end(ablation):
   assert len(list(csv.DictReader(open(root / "runs.csv")))) == 4 * 2
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_rerun_skips_everything(ablation, monkeypatch):
   root = ablation[0]
 
@@ -221,6 +230,8 @@ def test_rerun_skips_everything(ablation, monkeypatch):
   assert jobs.exit_code(statuses) == 0
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_template_sensitivity(ablation):
   root = ablation[0]
   run_dir = root / "cc2dv2" / "seed0"

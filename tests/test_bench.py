@@ -16,12 +16,12 @@ import jax
 import numpy as np
 import pytest
 
+from cc2dv2_jax import sharding
 from cc2dv2_jax.bench import fake_data
 from cc2dv2_jax.bench import profiling
 from cc2dv2_jax.bench import report
 from cc2dv2_jax.bench import runner
 from cc2dv2_jax.bench import steps
-from cc2dv2_jax import sharding
 from cc2dv2_jax.losses import tpl_loss
 from cc2dv2_jax.training import prefetch
 
@@ -55,6 +55,8 @@ def tiny_results(tmp_path_factory):
   return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_every_section_reports_positive_numbers(tiny_results):
   r, stdout = tiny_results
   for name in runner.ALL_SECTIONS + ("env", "profile"):
@@ -87,6 +89,8 @@ def test_every_section_reports_positive_numbers(tiny_results):
     assert label in stdout, label
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_compile_cache_cold_then_warm(tiny_results):
   c = tiny_results[0]["compile"]
   assert c["cold"]["where"].startswith("this process")  # the CLI's own first compile
@@ -96,6 +100,8 @@ def test_compile_cache_cold_then_warm(tiny_results):
   assert c["cache_files"] >= 1
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_profile_summary(tiny_results):
   p = tiny_results[0]["profile"]
   assert os.path.exists(p["xplane"])

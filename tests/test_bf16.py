@@ -108,6 +108,7 @@ def _check_grads(s32, s16, s32_rounded):
   assert rel <= FLOOR_FACTOR * floor_rel + FLOOR_SLACK, (cos, rel, floor_cos, floor_rel)
 
 
+@pytest.mark.slow
 def test_ssl_bf16_loss_and_grads_match_fp32():
   # Without the RFB blocks: they are made of the same Conv + BatchNorm layers as the decoder, and
   # leaving them out halves the two compilations (the test's whole cost on a CPU).

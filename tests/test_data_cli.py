@@ -8,6 +8,8 @@ import pytest
 
 from cc2dv2_jax.data import cache
 
+pytestmark = pytest.mark.integration
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

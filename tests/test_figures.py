@@ -13,6 +13,9 @@ from tests.test_predict import make_workdir
 
 # plots.image_grid layout: 8 px padding, 256 px cells, 28 px title band.
 PAD, CELL, TITLE = 8, 256, 28
+# Workflow, not numerics: XLA's optimisations off halves the compile time (helpers.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 NCOLS = 8
 
 
@@ -88,6 +91,7 @@ def test_similarity_figure_image_file_and_errors(workdirs, tmp_path):
     figures.similarity_figure(workdirs[0], tiny_config(), "nope", 1, tmp_path / "x.png")
 
 
+@pytest.mark.integration
 def test_figures_cli_usage_error():
   """The CLI module parses its flags (a full run is the test above): no workdirs -> usage error."""
   r = subprocess.run([sys.executable, "-m", "cc2dv2_jax.figures"], capture_output=True, text=True,

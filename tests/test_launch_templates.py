@@ -140,6 +140,7 @@ def _local(nproc, *args):
   return [shlex.split(l) for l in out.stdout.splitlines()]
 
 
+@pytest.mark.integration
 def test_local_script():
   args = ["--config=configs/demo.py", "--workdir=workdirs/a b"]
   [one] = _local(1, *args)

@@ -126,6 +126,7 @@ def test_no_unlisted_deferred_imports_of_our_modules():
   assert not found, "\n".join(sorted(found))
 
 
+@pytest.mark.integration
 def test_inference_and_evaluation_load_without_the_training_stack():
   """Imported for real in a fresh process: no training module, no grain, no optax."""
   code = ("import sys\n"

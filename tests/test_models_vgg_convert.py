@@ -54,6 +54,7 @@ def _run(args):
                         timeout=300)
 
 
+@pytest.mark.integration
 def test_convert_cli_matches_torch_activations(tmp_path):
   torch.manual_seed(0)
   net = TorchVGG19().eval()
@@ -82,6 +83,7 @@ def test_convert_cli_matches_torch_activations(tmp_path):
     np.testing.assert_allclose(np.asarray(g), r, atol=1e-4, rtol=1e-4, err_msg=f"P{level}")
 
 
+@pytest.mark.integration
 def test_convert_errors_and_no_jax_import(tmp_path):
   # The converter is a data_prep tool: it must not pull in jax/flax.
   res = _run(["-c", "import sys, data_prep.convert_vgg19; "

@@ -124,6 +124,8 @@ def _export_like(state):
   return {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_processes_equal_one(runs):
   one, two = runs
   m1, m2 = _metrics(one), _metrics(two)
@@ -144,6 +146,8 @@ def test_two_processes_equal_one(runs):
   assert info["steps"] == STEPS and info["stage"] == "ssl"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(runs):
   one, two = runs
   config = tiny_config(**OVERRIDES)

@@ -15,6 +15,8 @@ from cc2dv2_jax.data import dataset
 from cc2dv2_jax.evaluation import metrics
 from configs import demo
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 MARGIN = 0.6  # a learned model must have at most 60% of the baseline's MRE
 
 

@@ -34,6 +34,9 @@ from cc2dv2_jax.training import tpl
 from tests.helpers import tiny_config
 from tests.test_data_images import _write_dicom
 
+# Workflow, not numerics: XLA's optimisations off halves the compile time (helpers.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 DICOM_SPACING_YX = (0.2, 0.1)
 
 

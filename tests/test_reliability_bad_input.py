@@ -271,6 +271,7 @@ def _main_subprocess(*args):
     ("--config.ssl.rbd.alpha=0.2",
      "--config.ssl.rbd.alpha=0.2: unknown config key 'ssl.rbd.alpha'; did you mean ssl.rdb?"),
 ])
+@pytest.mark.integration
 def test_config_override_errors(flag, expected, tmp_path):
   workdir = tmp_path / "w"
   r = _main_subprocess(flag, f"--workdir={workdir}", "--stage=check")
@@ -280,6 +281,7 @@ def test_config_override_errors(flag, expected, tmp_path):
   _assert_untouched(workdir)
 
 
+@pytest.mark.integration
 def test_cli_subprocess_bad_dataset(root, tmp_path):
   """The real exit status and message of `--stage=check` on a broken annotation file."""
   path, line, what = _non_numeric(root)

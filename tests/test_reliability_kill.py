@@ -22,12 +22,14 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TMP_MARK = ".orbax-checkpoint-tmp"
+# The tests' tiny model and phantoms, without RFB, with longer runs and frequent checkpoints.
+CONFIG = "configs/demo.py:tiny"
 OVERRIDES = [
-    "--config.model.width=0.125", "--config.model.embed_dim=16", "--config.model.rfb=False",
-    "--config.data.size_hw=64,64", "--config.data.phantoms.size_hw=80,64",
-    "--config.ssl.patch_size=32", "--config.ssl.batch_size=4", "--config.ssl.num_steps=30",
+    "--config.model.rfb=False", "--config.ssl.batch_size=4", "--config.ssl.num_steps=30",
     "--config.ssl.log_every=5", "--config.ssl.ckpt_every=5", "--config.ssl.keep_checkpoints=2",
     "--config.tpl.num_steps=20", "--config.tpl.log_every=5", "--config.tpl.ckpt_every=5",
     "--config.tpl.keep_checkpoints=2", "--config.eval.overlays=False",
@@ -44,7 +46,7 @@ def _env(cache_dir):
 
 
 def _command(workdir, stage="all", extra=()):
-  return [sys.executable, "-m", "cc2dv2_jax.main", "--config=configs/demo.py:test", *OVERRIDES,
+  return [sys.executable, "-m", "cc2dv2_jax.main", f"--config={CONFIG}", *OVERRIDES,
           *extra, f"--workdir={workdir}", f"--stage={stage}"]
 
 

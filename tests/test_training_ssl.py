@@ -10,12 +10,15 @@ from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import ssl
+from tests import helpers
 from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def cache_and_config(tmp_path_factory):
-  config = tiny_config()
+  # RFB off: a third less to compile, and no bearing on how data and gradients are split (its
+  # BatchNorms are of the same kind as the decoder's, which stay).
+  config = tiny_config(**{"model.rfb": False})
   workdir = tmp_path_factory.mktemp("ssl")
   return dataset.ensure_cache(config, workdir), config
 
@@ -38,6 +41,7 @@ def _one_step(config, cache, devices, tx=None):
   return jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one(cache_and_config):
   """One step with the global batch 8 split over 4 devices equals the step on 1 device.
 
@@ -73,6 +77,13 @@ def test_batch_must_divide_devices(cache_and_config):
 
 
 def _train(config, cache, workdir, total):
+  """`total` steps in `workdir` (resuming what is there), compiled unoptimised: the runs compared
+  are compiled alike, and the compile is most of this test's time (helpers.fast_compile)."""
+  with helpers.fast_compile():
+    return _train_loop(config, cache, workdir, total)
+
+
+def _train_loop(config, cache, workdir, total):
   mesh = sharding.make_mesh()
   tx, _ = ssl.make_optimizer(config, len(cache.indices("train")))
   state = ssl.create_state(config, tx, mesh, tuple(cache.size_hw))
@@ -85,6 +96,7 @@ def _train(config, cache, workdir, total):
   return jax.device_get(state), info
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(cache_and_config, tmp_path):
   """With on-device augmentation (the host path's resume is covered end to end by
   tests/test_reliability_kill.py): the step's samples follow its key, the rows the iterator."""

@@ -30,6 +30,9 @@ from tests.test_predict import make_workdir
 
 # id -> (split, landmarks [[x, y], ...] with two annotators s, j, or None = unlabelled). The means
 # of t and x1 are not integers: the reference GT is their floor, which a NaN row must not change.
+# Workflow, not numerics: XLA's optimisations off halves the compile time (helpers.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 IMAGES = {"t": ("train", [[[3, 4], [20, 10]], [[4, 5], [21, 11]]]),
           "u1": ("train", None),
           "u2": ("train", None),
@@ -178,7 +181,7 @@ def test_eval_without_any_test_ground_truth(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_shot_run(tmp_path_factory):
+def one_shot_run(fast_compile, tmp_path_factory):  # pylint: disable=unused-argument
   """pseudo -> eval on phantoms where only the template and the test1 images are labelled:
   4 training images (template 001 + 3 unlabelled), 2 test1 (labelled), 1 test2 (unlabelled).
 
@@ -214,6 +217,7 @@ def one_shot_run(tmp_path_factory):
   return config, workdir, cache, results, template_yx
 
 
+@pytest.mark.integration
 def test_one_shot_pipeline(one_shot_run):
   config, workdir, cache, results, template_yx = one_shot_run
   train = cache.indices("train")

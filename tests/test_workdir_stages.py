@@ -10,6 +10,9 @@ from cc2dv2_jax import workdir as workdir_lib
 from tests import helpers
 
 
+# Workflow, not numerics: XLA's optimisations off halves the compile time (helpers.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 @pytest.mark.parametrize("key,stage", [
     ("data.size_hw", "data"), ("data.root", "data"), ("data.phantoms.seed", "data"),
     ("data.template_id", "pseudo"), ("data.gt", "pseudo"), ("seed", "ssl"),
@@ -42,15 +45,23 @@ def _snapshot(root):
           for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _config(**overrides):
+  """The tests' tiny config without RFB: a third less to compile, and the workdir logic does not
+  depend on the network."""
+  return helpers.tiny_config(**{"model.rfb": False, **overrides})
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(fast_compile, tmp_path_factory):  # pylint: disable=unused-argument
   logging.set_verbosity(logging.WARNING)
-  config = helpers.tiny_config()
+  config = _config()
   workdir = tmp_path_factory.mktemp("stages") / "w"
   assert cli.main(config, str(workdir), "all") == 0
   return config, workdir
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_tpl_change_retrains_tpl_only(finished, capsys):
   config, workdir = finished
   ssl_before = _snapshot(workdir / "ssl")
@@ -58,7 +69,7 @@ def test_tpl_change_retrains_tpl_only(finished, capsys):
   cache_before = _snapshot(workdir / "data_cache")
   tpl_info = json.loads((workdir / "tpl" / "export" / "export.json").read_text())
 
-  changed = helpers.tiny_config(**{"tpl.lr": 3 * config.tpl.lr})
+  changed = _config(**{"tpl.lr": 3 * config.tpl.lr})
   capsys.readouterr()
   # Without --overwrite the finished TPL stage is not thrown away silently.
   assert cli.main(changed, str(workdir), "all") == exit_codes.BAD_INPUT
@@ -79,11 +90,13 @@ def test_tpl_change_retrains_tpl_only(finished, capsys):
   assert (workdir / "eval" / "summary.md").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_ssl_change_redoes_ssl_and_after_but_keeps_the_data(finished):
   _, workdir = finished
-  config = helpers.tiny_config(**{"tpl.lr": 3 * helpers.tiny_config().tpl.lr})  # the current record
+  config = _config(**{"tpl.lr": 3 * _config().tpl.lr})  # the current record
   cache_before = _snapshot(workdir / "data_cache")
-  changed = helpers.tiny_config(**{"tpl.lr": config.tpl.lr, "ssl.rdb.alpha": 0.05})
+  changed = _config(**{"tpl.lr": config.tpl.lr, "ssl.rdb.alpha": 0.05})
   assert cli.main(changed, str(workdir), "check", overwrite=True) == 0
   for name in ("ssl", "pseudo", "tpl", "eval"):
     assert not (workdir / name).exists(), name
@@ -91,18 +104,18 @@ def test_ssl_change_redoes_ssl_and_after_but_keeps_the_data(finished):
 
 
 def test_change_of_a_stage_not_run_yet_needs_no_overwrite(tmp_path):
-  config = helpers.tiny_config()
+  config = _config()
   workdir = tmp_path / "w"
   assert cli.main(config, str(workdir), "check") == 0
   # Only the data cache exists: a new TPL (or SSL) setting loses nothing, so it is accepted.
-  changed = helpers.tiny_config(**{"tpl.lr": 0.5, "ssl.lr": 0.5})
+  changed = _config(**{"tpl.lr": 0.5, "ssl.lr": 0.5})
   assert cli.main(changed, str(workdir), "check") == 0
   assert json.loads((workdir / "config.json").read_text())["ssl"]["lr"] == 0.5
 
 
 def test_retired_keys_of_old_records_are_no_change(tmp_path):
   """config.json written before `stage` left the config still matches the same config."""
-  config = helpers.tiny_config()
+  config = _config()
   old = json.loads(workdir_lib.config_json(config))
   old["stage"] = "all"
   (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(old))
