@@ -71,6 +71,10 @@ def get_config():
       keep_checkpoints=2,
       eval_at_end=True,
       inference="product",  # product | coarse_to_fine
+      # Template pose ensemble (our addition; inference/predictors.SSLPredictor.set_template):
+      # each landmark's template feature is averaged over copies of the template rotated by every
+      # angle and zoomed by every scale. (0,), (1,) is the reference: the template as it is.
+      template_poses=dict(rotations_deg=(0.0,), scales=(1.0,)),
       infer_batch_size=8,
   )
 

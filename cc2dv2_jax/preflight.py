@@ -108,6 +108,14 @@ def _problems(config):
   need(_get(config, "ssl.window") in ("code", "paper"), "ssl.window", "choose from code, paper")
   need(_get(config, "ssl.inference") in ("product", "coarse_to_fine"), "ssl.inference",
        "choose from product, coarse_to_fine")
+  poses = _get(config, "ssl.template_poses", None)
+  try:
+    ok = (len(poses.rotations_deg) > 0 and len(poses.scales) > 0
+          and all(isinstance(a, (int, float)) for a in poses.rotations_deg)
+          and all(isinstance(v, (int, float)) and v > 0 for v in poses.scales))
+  except (AttributeError, TypeError):
+    ok = False
+  need(ok, "ssl.template_poses", "needs non-empty rotations_deg (degrees) and scales (> 0)")
   positive("tpl.radius_frac")
   for key in ("rotation_deg", "scale", "translate", "brightness", "contrast"):
     positive(f"tpl.augment.{key}", allow_zero=True)

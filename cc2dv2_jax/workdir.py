@@ -131,6 +131,7 @@ _GROUP_OF = (
     ("data.gt", "pseudo"),
     ("ssl", "ssl"),
     ("ssl.inference", "pseudo"),
+    ("ssl.template_poses", "pseudo"),
     ("tpl", "tpl"),
     ("eval", "eval"),
 )

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
     ("data.size_hw", "data"), ("data.root", "data"), ("data.phantoms.seed", "data"),
     ("data.template_id", "pseudo"), ("data.gt", "pseudo"), ("seed", "ssl"),
     ("model.width", "ssl"), ("ssl.lr", "ssl"), ("ssl.rdb.alpha", "ssl"),
-    ("ssl.inference", "pseudo"), ("tpl.lr", "tpl"), ("tpl.augment.enabled", "tpl"),
+    ("ssl.inference", "pseudo"), ("ssl.template_poses.scales", "pseudo"), ("tpl.lr", "tpl"), ("tpl.augment.enabled", "tpl"),
     ("eval.radii", "eval"),
 ])
 def test_group_of_each_key(key, stage):

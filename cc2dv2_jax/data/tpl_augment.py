@@ -1,16 +1,16 @@
-"""TPL augmentation on the host: a random similarity transform and intensity jitter of a whole image
-with its landmarks (our addition: the reference trains TPL on unaugmented images).
+"""TPL augmentation on the host: a random similarity transform (data/similarity.py) and intensity
+jitter of a whole image with its landmarks (our addition: the reference trains TPL on unaugmented
+images).
 
 NumPy / SciPy / PIL only: this module runs inside grain worker processes.
 Coordinates are [y, x] (row, column), pixel centres at integers.
 """
 import dataclasses
-import math
 
 import numpy as np
-from scipy import ndimage
 
 from cc2dv2_jax.data import augment
+from cc2dv2_jax.data import similarity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,43 +39,16 @@ class TPLAugment:
 
 
 def random_similarity(rng, size_hw, p):
-  """A forward map out = A @ (in - c) + c + t drawn from `p`: (A float64 [2, 2], shift [2]).
+  """A forward map out = a @ (in - c) + c + t drawn from `p`: (a float64 [2, 2], t [2]).
 
   c is the image centre; points are [y, x]. Draws angle, scale, then the shift, in this order.
   """
   h, w = size_hw
-  theta = math.radians(rng.uniform(-p.rotation_deg, p.rotation_deg)) if p.rotation_deg else 0.0
+  angle = rng.uniform(-p.rotation_deg, p.rotation_deg) if p.rotation_deg else 0.0
   s = rng.uniform(1.0 - p.scale, 1.0 + p.scale) if p.scale else 1.0
   t = rng.uniform(-p.translate, p.translate, size=2) * np.array([h, w]) if p.translate else (
       np.zeros(2))
-  cos, sin = math.cos(theta), math.sin(theta)
-  # Rotation of [y, x] points: x' = x cos - y sin, y' = x sin + y cos (counter-clockwise on screen
-  # for y pointing down is clockwise; the sign does not matter for a symmetric range).
-  a = s * np.array([[cos, sin], [-sin, cos]])
-  return a, np.asarray(t, np.float64)
-
-
-def apply_similarity(image, landmarks_yx, a, t):
-  """Warps a grey image and moves its landmarks with the forward map out = a (in - c) + c + t.
-
-  Args:
-    image: uint8 [H, W].
-    landmarks_yx: [L, 2] points [y, x] on the image grid.
-    a, t: from `random_similarity`.
-
-  Returns:
-    (uint8 [H, W] bilinear warp, 0 outside the source; float64 [L, 2] moved landmarks, which may
-    lie outside the image: such a landmark has no target pixel and simply gets none).
-  """
-  h, w = image.shape
-  c = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
-  inv = np.linalg.inv(a)
-  # scipy samples the input at inv @ out + offset: in = inv (out - c - t) + c.
-  offset = c - inv @ (c + t)
-  out = ndimage.affine_transform(image.astype(np.float32), inv, offset=offset, order=1,
-                                 mode="constant", cval=0.0)
-  moved = (np.asarray(landmarks_yx, np.float64) - c) @ a.T + c + t
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8), moved
+  return similarity.matrix(angle, s), np.asarray(t, np.float64)
 
 
 def augment_example(image, landmarks_yx, rng, p):
@@ -95,7 +68,7 @@ def augment_example(image, landmarks_yx, rng, p):
   if image.ndim != 2 or image.dtype != np.uint8:
     raise ValueError(f"expected a uint8 [H,W] image, got {image.dtype} {image.shape}")
   a, t = random_similarity(rng, image.shape, p)
-  warped, moved = apply_similarity(image, landmarks_yx, a, t)
+  warped, moved = similarity.warp(image, landmarks_yx, a, t)
   out = warped.astype(np.float32) / np.float32(255.0)
   if p.brightness or p.contrast:
     out = augment.color_jitter(out, rng, p.brightness, p.contrast)

@@ -12,6 +12,7 @@ import numpy as np
 
 from cc2dv2_jax import inputs
 from cc2dv2_jax import sharding
+from cc2dv2_jax.data import similarity
 from cc2dv2_jax.inference import matching
 from cc2dv2_jax.inference import voting
 from cc2dv2_jax.models import tpl_net
@@ -78,12 +79,15 @@ class SSLPredictor:
     net: the SSL encoder module; variables: its {'params', 'batch_stats'}.
     template_image: uint8 [H, W] on the training grid; template_yx: int [L, 2] its landmarks [y, x].
     mode: 'product' (reference) or 'coarse_to_fine' (paper wording).
+    template_poses: (angle in degrees, scale) pairs of the template pose ensemble (see
+      `set_template`); the default, the template as it is, is the reference.
   """
 
   def __init__(self, net, variables, template_image, template_yx, *, mode="product",
-               imagenet_norm=False, batch_size=8, mesh=None):
+               imagenet_norm=False, batch_size=8, mesh=None, template_poses=((0.0, 1.0),)):
     self.net = net
     self.variables = variables
+    self.template_poses = tuple((float(a), float(s)) for a, s in template_poses)
     self.size_hw = tuple(template_image.shape[:2])
     self.mode = mode
     self.imagenet_norm = imagenet_norm
@@ -97,10 +101,29 @@ class SSLPredictor:
 
   def set_template(self, template_image, template_yx):
     """Matches against another template (uint8 [H, W] on the same grid, int [L, 2] [y, x]);
-    the compiled programs stay."""
-    feats = self._jfeatures(self.variables, jnp.asarray(template_image)[None])
-    self.template_feats = matching.template_features(feats, jnp.asarray(template_yx),
-                                                     self.size_hw)
+    the compiled programs stay.
+
+    With more than one template pose, each landmark's feature at each layer is the mean of its
+    unit-length features in copies of the template warped to every pose (`similarity.warp`,
+    landmarks moved with it and rounded): a template feature that stays close to the same
+    anatomy under the small rotations and zooms that separate radiographs.
+    """
+    image = np.asarray(template_image)
+    copies = []
+    for angle, scale in self.template_poses:
+      yx = np.asarray(template_yx)
+      img = image
+      if (angle, scale) != (0.0, 1.0):
+        img, moved = similarity.warp(image, yx, similarity.matrix(angle, scale))
+        yx = np.rint(moved).astype(np.int32)
+      feats = self._jfeatures(self.variables, jnp.asarray(img)[None])
+      copies.append(matching.template_features(feats, jnp.asarray(yx), self.size_hw))
+    if len(copies) == 1:  # the reference: the template's own features, not normalised
+      self.template_feats = copies[0]
+      return
+    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    self.template_feats = [jnp.mean(jnp.stack([unit(c[k]) for c in copies]), 0)
+                           for k in range(len(copies[0]))]
 
   def __call__(self, images, desc="ssl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x] on the same grid."""

@@ -9,6 +9,12 @@ def has_export(workdir, stage):
   return checkpoint.export_info(workdir_lib.export_dir(workdir, stage)) is not None
 
 
+def template_poses(config):
+  """(angle, scale) pairs of `ssl.template_poses`: every rotation with every scale."""
+  p = config.ssl.template_poses
+  return [(float(a), float(s)) for a in p.rotations_deg for s in p.scales]
+
+
 def ssl_predictor(config, workdir, template_image, template_yx, mesh=None):
   """SSL template matching with <workdir>/ssl/export; template_image uint8 [H,W], template_yx [L,2]."""
   net, _ = build.ssl_models(config)
@@ -16,7 +22,8 @@ def ssl_predictor(config, workdir, template_image, template_yx, mesh=None):
   return predictors.SSLPredictor(net, variables, template_image, template_yx,
                                  mode=config.ssl.inference,
                                  imagenet_norm=config.model.imagenet_norm,
-                                 batch_size=config.ssl.infer_batch_size, mesh=mesh)
+                                 batch_size=config.ssl.infer_batch_size, mesh=mesh,
+                                 template_poses=template_poses(config))
 
 
 def tpl_predictor(config, workdir, size_hw, mesh=None):
