@@ -3,6 +3,8 @@ import contextlib
 
 import jax
 
+from cc2dv2_jax.data import dataset
+from cc2dv2_jax.evaluation import evaluate
 from configs import demo
 
 # For the subprocesses of tests that check workflow, not numerics (see `fast_compile`).
@@ -33,3 +35,11 @@ def fast_compile():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+def template_baseline_mre(config, workdir, protocol, split=None):
+  """Pooled MRE (mm) of the one-shot baseline that learns nothing: every image of `split`
+  (default config.eval.split) gets the template's own landmark coordinates."""
+  cache = dataset.ensure_cache(config, workdir)
+  results = evaluate.template_baseline(config, cache, cache.indices(split or config.eval.split))
+  return results["summary"][protocol]["pooled"]["mre"]

@@ -156,3 +156,19 @@ def test_plot_helpers(tmp_path):
   header = a.shape[0] - 900
   red = np.argwhere(np.all(np.abs(a[header:].astype(int) - plots.PRED_COLOUR) < 40, axis=-1))
   np.testing.assert_allclose(red.mean(0), [450, a.shape[1] / 2], atol=3)
+
+
+def test_template_baseline_scores_the_template_coordinates(tmp_path):
+  from cc2dv2_jax.data import dataset
+  from cc2dv2_jax.evaluation import evaluate
+  from tests import helpers
+  config = helpers.tiny_config()
+  cache = dataset.ensure_cache(config, tmp_path)
+  t = cache.index_of(config.data.template_id)
+  on_itself = evaluate.template_baseline(config, cache, [t])
+  assert on_itself["summary"]["grid"]["pooled"]["mre"] == 0.0
+  rows = cache.indices("test")
+  base = evaluate.template_baseline(config, cache, rows)
+  gt = cache.gt_grid_yx(config.data.gt)
+  expected = metrics.evaluate_cache(np.repeat(gt[t][None], len(rows), 0), cache, rows)
+  assert base["summary"]["grid"]["pooled"]["mre"] == expected["summary"]["grid"]["pooled"]["mre"] > 0

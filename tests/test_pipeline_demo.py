@@ -5,15 +5,14 @@ judged against the one-shot baseline "predict the template's coordinates" on hel
 """
 import json
 
-import numpy as np
 import pytest
 from absl import logging
 
 from cc2dv2_jax import cli
 from cc2dv2_jax import stages
 from cc2dv2_jax.data import dataset
-from cc2dv2_jax.evaluation import metrics
 from configs import demo
+from tests import helpers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,20 +29,12 @@ def demo_run(tmp_path_factory):
   return config, workdir, results
 
 
-def _baseline_mre(config, workdir, protocol):
-  cache = dataset.ensure_cache(config, workdir)
-  rows = cache.indices(config.eval.split)
-  template = cache.gt_grid_yx(config.data.gt)[cache.index_of(config.data.template_id)]
-  pred = np.repeat(template[None], len(rows), 0)
-  return metrics.evaluate_cache(pred, cache, rows)["summary"][protocol]["pooled"]["mre"]
-
-
 @pytest.mark.parametrize("stage", ["ssl", "tpl"])
 @pytest.mark.parametrize("protocol", ["grid", "fullres"])
 def test_beats_template_baseline(demo_run, stage, protocol):
   config, workdir, results = demo_run
   mre = results[stage]["summary"][protocol]["pooled"]["mre"]
-  base = _baseline_mre(config, workdir, protocol)
+  base = helpers.template_baseline_mre(config, workdir, protocol)
   assert mre < MARGIN * base, f"{stage} MRE {mre:.2f} vs template baseline {base:.2f}"
 
 
@@ -57,7 +48,7 @@ def test_outputs_a_person_can_look_at(demo_run):
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_images"] == len(dataset.ensure_cache(config, workdir).indices("test"))
   summary = (workdir / "eval" / "summary.md").read_text()
-  assert "SSL only" in summary and "TPL" in summary
+  assert "SSL only" in summary and "TPL" in summary and "Baseline" in summary
   pseudo = json.loads((workdir / "pseudo" / "pseudo_labels.json").read_text())
   assert len(pseudo["ids"]) == config.data.phantoms.num_train
   assert pseudo["config"]["ssl"]["rdb"]["alpha"] == config.ssl.rdb.alpha

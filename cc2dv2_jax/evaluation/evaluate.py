@@ -2,7 +2,8 @@
 
 <workdir>/<stage>/eval/ holds each stage's report (SSL-only and TPL) and predictions.csv (every
 image of the split, labelled or not); the eval stage also writes <workdir>/eval/summary.md with
-both side by side. Only labelled images are scored: unlabelled ones are counted in the report, and
+both side by side, after the one-shot baseline that learns nothing (every image gets the
+template's own landmark coordinates), the bar any learned model must clear. Only labelled images are scored: unlabelled ones are counted in the report, and
 a split without any labelled image gives predictions and overlays with no scores.
 """
 import json
@@ -12,6 +13,7 @@ import shutil
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from cc2dv2_jax import distributed
@@ -71,6 +73,17 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
   return results
 
 
+def template_baseline(config, cache, rows):
+  """Scores of predicting the template's own landmarks ([y, x] grid) for every row of `cache`.
+
+  The one-shot baseline without learning: one labelled image and nothing else. Same protocols,
+  ground truth and radii as the stages' evaluation (metrics.evaluate_cache).
+  """
+  template = cache.gt_grid_yx(config.data.gt)[cache.index_of(config.data.template_id)]
+  preds = np.repeat(template[None], len(rows), 0)
+  return metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
+
+
 def run_stage_eval(config, workdir, stage):
   """The test-split evaluation of `stage`, computed once and then read back from its report."""
   out_dir = workdir_lib.eval_dir(workdir, stage)
@@ -90,6 +103,12 @@ def run(config, workdir):
   parts = [f"## {'SSL only (template matching)' if s == 'ssl' else 'SSL + TPL (voting)'}\n\n"
            f"{results[s]['markdown']}\n\nreport: {workdir_lib.eval_dir(workdir, s)}/results.md\n"
            for s in stages]
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
+  baseline = template_baseline(config, cache, cache.indices(config.eval.split))
+  if baseline["n_images"]:
+    results["baseline"] = baseline
+    parts.insert(0, "## Baseline: the template's coordinates (no learning)\n\n"
+                    f"{report.markdown_table(baseline)}\n")
   summary = "\n".join(parts)
   if jax.process_index() == 0:
     path = workdir_lib.summary_path(workdir)
