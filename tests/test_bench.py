@@ -11,9 +11,12 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cc2dv2_jax import sharding
@@ -23,7 +26,9 @@ from cc2dv2_jax.bench import report
 from cc2dv2_jax.bench import runner
 from cc2dv2_jax.bench import steps
 from cc2dv2_jax.losses import tpl_loss
+from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import prefetch
+from cc2dv2_jax.training import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -223,6 +228,43 @@ def test_ceph_fast_compresses_the_schedule_to_the_budget():
   assert host.ssl.augment == "host" and host.data.num_workers == 6
   with pytest.raises(ValueError):
     ceph_fast.steps_for(8, 0)
+
+
+def _sleepy_step(trace_sleep_s):
+  """A one-weight train step whose tracing sleeps `trace_sleep_s`: a stand-in for a compile."""
+
+  def step(state, batch, rng):
+    del rng
+    time.sleep(trace_sleep_s)  # once: jit traces the step at its first call
+    loss = jnp.mean(state.params["w"] * batch["x"])
+    return state.replace(step=state.step + 1), {"loss": loss}
+
+  return step
+
+
+def _budget_run(workdir, total, max_seconds, trace_sleep_s):
+  mesh = sharding.make_mesh()
+  state = sharding.put_replicated(
+      state_lib.TrainState.create({"w": jnp.ones((), jnp.float32)}, {}, optax.sgd(0.1)), mesh)
+  _, info = loop.train_loop(name="t", state=state, step_fn=_sleepy_step(trace_sleep_s),
+                            batches=_Counter(10_000), mesh=mesh, workdir=workdir,
+                            total_steps=total, log_every=1000, ckpt_every=10_000, keep=1,
+                            max_seconds=max_seconds)
+  return info
+
+
+def test_wall_clock_budget_starts_after_the_compiling_step(tmp_path):
+  """configs/ceph_fast.py sizes the schedule to max_seconds with compiling outside it: a 2 s
+  first step under a 1 s budget still runs every step, and its time is reported as compile_s
+  (export.json), summed over a resume (whose first step compiles again)."""
+  info = _budget_run(tmp_path, total=6, max_seconds=1.0, trace_sleep_s=2.0)
+  assert info["steps"] == 6 and info["stopped_by"] == "steps", info
+  assert 2.0 <= info["compile_s"] < 30, info
+  resumed = _budget_run(tmp_path, total=8, max_seconds=1.0, trace_sleep_s=2.0)
+  assert resumed["steps"] == 8 and resumed["compile_s"] >= 4.0, resumed
+  # The steps after the first are inside the budget: a 0.05 s budget stops long before 10,000.
+  fresh = _budget_run(tmp_path / "short", total=10_000, max_seconds=0.05, trace_sleep_s=0.0)
+  assert fresh["stopped_by"] == "time" and 1 <= fresh["steps"] < 10_000, fresh
 
 
 def test_ssl_step_with_device_augmentation_lowers_from_shapes():
