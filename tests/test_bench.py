@@ -21,6 +21,7 @@ import pytest
 
 from cc2dv2_jax import sharding
 from cc2dv2_jax.bench import fake_data
+from cc2dv2_jax.bench import input_pipeline
 from cc2dv2_jax.bench import profiling
 from cc2dv2_jax.bench import report
 from cc2dv2_jax.bench import runner
@@ -115,6 +116,27 @@ def test_profile_summary(tiny_results):
   # Time is attributed to model parts through the ops' JAX name stack.
   assert any(k.startswith(("fwd/vgg", "bwd/vgg")) for k in p["by_part_ms"])
   assert not any("non_local" in k for k in p["by_part_ms"])  # the config reached the model
+
+
+def test_runner_marks_the_running_section_and_uses_the_reference(monkeypatch):
+  """launch/gpu_check.sh's later blocks: the naive step's speedup and the pipeline's demand come
+  from an earlier run's steps at the same batch; a section in progress is marked in the JSON."""
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  monkeypatch.setattr(steps, "bench_tpl_naive", lambda *args: {"ms_median": 50.0})
+  monkeypatch.setattr(input_pipeline, "bench_pipeline",
+                      lambda *args: {"demand_from": args[-1]["ssl_step_from"]})
+  ref = {"tpl_step": {"batch": config.tpl.batch_size + 1, "ms_median": 5.0, "dtype": "bfloat16"},
+         "ssl_step": {"batch": config.ssl.batch_size + 1, "ms_median": 8.0, "dtype": "bfloat16"}}
+  seen = []
+  r = runner.run(config, sections=("tpl_naive", "pipeline"), reference=ref,
+                 on_section=lambda res: seen.append(json.loads(json.dumps(res))))
+  assert r["tpl_naive"]["speedup_of_tpl_step"] == 10.0
+  assert r["tpl_naive"]["tpl_step_from"] == "reference run (bfloat16)"
+  assert r["pipeline"]["demand_from"] is None  # the reference's SSL step is at another batch
+  assert seen[0]["tpl_naive"]["error"].startswith("started, not finished")
+  assert "error" not in seen[1]["tpl_naive"] and "pipeline" not in seen[1]
+  assert not report.has_errors(r)
 
 
 def test_host_targets_equal_device_targets():
