@@ -110,10 +110,20 @@ bench() {  # bench <cap_s> <keep_s> <args...>: one bench process; its JSON is wr
   bounded "$cap" "$keep" python3 -m cc2dv2_jax.bench "$@" "${BENCH_TINY[@]}"
 }
 
-# fast_arg <ssl_min> <tpl_min>: configs/ceph_fast.py's argument. Every mode passes every value
-# (the TPL ones too in the SSL-only run), so runs of the same numbers record the same config.
+# fast_arg <ssl_min> <tpl_min>: configs/ceph_fast.py's argument, built the same way in every mode
+# (the TPL values too in the SSL-only run), so runs of the same numbers record the same config.
+# A step time not given is ceph_fast's estimate (said so in the log).
 fast_arg() {
-  echo "configs/ceph_fast.py:root=$1,ssl_minutes=$2,ssl_step_ms=${SSL_MS:-30},tpl_minutes=$3,tpl_step_ms=${TPL_MS:-20}"
+  local arg="configs/ceph_fast.py:root=$1,ssl_minutes=$2,tpl_minutes=$3"
+  local v
+  for v in SSL_MS TPL_MS; do
+    if [ -n "${!v:-}" ]; then
+      arg+=",$(echo "${v%_MS}" | tr A-Z a-z)_step_ms=${!v}"
+    else
+      echo "$v not given: configs/ceph_fast.py's estimate is used, not a measurement" >&2
+    fi
+  done
+  echo "$arg"
 }
 
 # fast_minutes <overhead_s> <ssl_share>: "SSL_MIN TPL_MIN" from the budget left, after the

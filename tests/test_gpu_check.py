@@ -97,6 +97,21 @@ def test_next_call_rounds_the_measured_step_times_up():
   assert gpu_check.next_call(None) == ""
 
 
+def test_summary_tables_and_next_call(tmp_path):
+  step = {"batch": 16, "ms_median": 30.0, "ms_pipelined": 27.31, "tflops": 150.0,
+          "compile_s": 25.0, "peak_bytes": 2**30, "dtype": "bfloat16", "augment": "device"}
+  fast = {"env": {"device": "H100", "backend": "gpu"}, "ssl_step": step,
+          "tpl_step": dict(step, batch=8, ms_pipelined=18.0, augment=None)}
+  (tmp_path / "bench_fast.json").write_text(json.dumps(fast))
+  assert gpu_check.main(["summary", str(tmp_path)]) == exit_codes.OK
+  text = (tmp_path / "summary.md").read_text()
+  assert "SSL train step, augment on device (batch 16) | 30.00 ms" in text
+  assert "`SSL_MS=27.4 TPL_MS=18.0 bash launch/gpu_check.sh ssl`" in text
+  # The blocks that left no JSON are named, not silently left out.
+  for name in ("bench_bf16.json", "bench_fp32.json", "bench_host.json"):
+    assert f"## {name}\n\nmissing or unreadable" in text
+
+
 def test_collect_reports_missing_outputs(tmp_path):
   """A run stopped before its export: the headline says what is missing; nothing is copied."""
   out = tmp_path / "out"
