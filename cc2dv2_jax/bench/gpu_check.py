@@ -17,6 +17,7 @@ call at its first use. It prints the versions that matter: the device image's ja
 not the ones the tests ran with.
 """
 import importlib
+from importlib import metadata
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import sys
 from cc2dv2_jax import exit_codes
 from cc2dv2_jax import utils
 from cc2dv2_jax import workdir as workdir_lib
+from cc2dv2_jax.bench import report
 
 # Imported by the bench, the training stages or the evaluation; versions printed.
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections",
@@ -45,7 +47,6 @@ BENCH_FILES = ("bench_fast.json", "bench_bf16.json", "bench_fp32.json", "bench_h
 def _version(module):
   v = getattr(module, "__version__", None)
   if v is None and module.__name__ == "orbax.checkpoint":
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
     v = metadata.version("orbax-checkpoint")
   return str(v)
 
@@ -128,7 +129,6 @@ def next_call(fast):
 
 
 def summary(args):
-  from cc2dv2_jax.bench import report  # pylint: disable=g-import-not-at-top
   out, names = args[0], args[1:] or BENCH_FILES
   lines = []
   results = {}
