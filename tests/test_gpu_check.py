@@ -153,6 +153,12 @@ def test_dry_run_goes_through_every_section(tmp_path):
   proc, wall = _run("bench", tmp_path, timeout=600, GPU_CHECK_DRYRUN="1")
   print(f"dry run: {wall:.1f} s")
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+  check_bench_out(tmp_path)
+
+
+def check_bench_out(tmp_path):
+  """What a bench call must leave in $OUT (also for a dry run made by hand: pass its OUT)."""
+  tmp_path = pathlib.Path(tmp_path)
   files = sorted(os.listdir(tmp_path))
   assert files == sorted(["log.txt", "bench_fast.json", "bench_bf16.json", "bench_fp32.json",
                           "bench_host.json", "ssl_step_bf16.xplane.pb", "e2e_run.json",
