@@ -12,7 +12,10 @@ run; 8 % is left for logging, checkpoints and jitter). The step time must be MEA
 schedule has decayed, one too high wastes budget. The defaults below are estimates, not
 measurements (no GPU was lent when this file was written). The remaining minutes of the 10 / 15
 go to building the data cache (~0.5 min), compiling (cold <= 0.5 min per stage, warm seconds with
-the persistent cache), exporting and evaluating.
+the persistent cache), exporting and evaluating: the `max_seconds` clock starts when the first,
+compiling step is done (training/loop.py), and export.json records that step's `compile_s`.
+`launch/gpu_check.sh ssl` / `all` run this config on a lent GPU with the step times that
+`launch/gpu_check.sh bench` measured (launch/README.md "A lent GPU").
 
   python -m cc2dv2_jax.main --config=configs/ceph_fast.py:root=/data/isbi2015 \
       --workdir=workdirs/fast --stage=all

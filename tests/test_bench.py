@@ -11,19 +11,25 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cc2dv2_jax import sharding
 from cc2dv2_jax.bench import fake_data
+from cc2dv2_jax.bench import input_pipeline
 from cc2dv2_jax.bench import profiling
 from cc2dv2_jax.bench import report
 from cc2dv2_jax.bench import runner
 from cc2dv2_jax.bench import steps
 from cc2dv2_jax.losses import tpl_loss
+from cc2dv2_jax.training import loop
 from cc2dv2_jax.training import prefetch
+from cc2dv2_jax.training import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -110,6 +116,27 @@ def test_profile_summary(tiny_results):
   # Time is attributed to model parts through the ops' JAX name stack.
   assert any(k.startswith(("fwd/vgg", "bwd/vgg")) for k in p["by_part_ms"])
   assert not any("non_local" in k for k in p["by_part_ms"])  # the config reached the model
+
+
+def test_runner_marks_the_running_section_and_uses_the_reference(monkeypatch):
+  """launch/gpu_check.sh's later blocks: the naive step's speedup and the pipeline's demand come
+  from an earlier run's steps at the same batch; a section in progress is marked in the JSON."""
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  monkeypatch.setattr(steps, "bench_tpl_naive", lambda *args: {"ms_median": 50.0})
+  monkeypatch.setattr(input_pipeline, "bench_pipeline",
+                      lambda *args: {"demand_from": args[-1]["ssl_step_from"]})
+  ref = {"tpl_step": {"batch": config.tpl.batch_size + 1, "ms_median": 5.0, "dtype": "bfloat16"},
+         "ssl_step": {"batch": config.ssl.batch_size + 1, "ms_median": 8.0, "dtype": "bfloat16"}}
+  seen = []
+  r = runner.run(config, sections=("tpl_naive", "pipeline"), reference=ref,
+                 on_section=lambda res: seen.append(json.loads(json.dumps(res))))
+  assert r["tpl_naive"]["speedup_of_tpl_step"] == 10.0
+  assert r["tpl_naive"]["tpl_step_from"] == "reference run (bfloat16)"
+  assert r["pipeline"]["demand_from"] is None  # the reference's SSL step is at another batch
+  assert seen[0]["tpl_naive"]["error"].startswith("started, not finished")
+  assert "error" not in seen[1]["tpl_naive"] and "pipeline" not in seen[1]
+  assert not report.has_errors(r)
 
 
 def test_host_targets_equal_device_targets():
@@ -223,6 +250,43 @@ def test_ceph_fast_compresses_the_schedule_to_the_budget():
   assert host.ssl.augment == "host" and host.data.num_workers == 6
   with pytest.raises(ValueError):
     ceph_fast.steps_for(8, 0)
+
+
+def _sleepy_step(trace_sleep_s):
+  """A one-weight train step whose tracing sleeps `trace_sleep_s`: a stand-in for a compile."""
+
+  def step(state, batch, rng):
+    del rng
+    time.sleep(trace_sleep_s)  # once: jit traces the step at its first call
+    loss = jnp.mean(state.params["w"] * batch["x"])
+    return state.replace(step=state.step + 1), {"loss": loss}
+
+  return step
+
+
+def _budget_run(workdir, total, max_seconds, trace_sleep_s):
+  mesh = sharding.make_mesh()
+  state = sharding.put_replicated(
+      state_lib.TrainState.create({"w": jnp.ones((), jnp.float32)}, {}, optax.sgd(0.1)), mesh)
+  _, info = loop.train_loop(name="t", state=state, step_fn=_sleepy_step(trace_sleep_s),
+                            batches=_Counter(10_000), mesh=mesh, workdir=workdir,
+                            total_steps=total, log_every=1000, ckpt_every=10_000, keep=1,
+                            max_seconds=max_seconds)
+  return info
+
+
+def test_wall_clock_budget_starts_after_the_compiling_step(tmp_path):
+  """configs/ceph_fast.py sizes the schedule to max_seconds with compiling outside it: a 2 s
+  first step under a 1 s budget still runs every step, and its time is reported as compile_s
+  (export.json), summed over a resume (whose first step compiles again)."""
+  info = _budget_run(tmp_path, total=6, max_seconds=1.0, trace_sleep_s=2.0)
+  assert info["steps"] == 6 and info["stopped_by"] == "steps", info
+  assert 2.0 <= info["compile_s"] < 30, info
+  resumed = _budget_run(tmp_path, total=8, max_seconds=1.0, trace_sleep_s=2.0)
+  assert resumed["steps"] == 8 and resumed["compile_s"] >= 4.0, resumed
+  # The steps after the first are inside the budget: a 0.05 s budget stops long before 10,000.
+  fresh = _budget_run(tmp_path / "short", total=10_000, max_seconds=0.05, trace_sleep_s=0.0)
+  assert fresh["stopped_by"] == "time" and 1 <= fresh["steps"] < 10_000, fresh
 
 
 def test_ssl_step_with_device_augmentation_lowers_from_shapes():

@@ -5,7 +5,8 @@ r"""Benchmarks: train steps, inference, input pipeline, compilation; JSON plus a
       --infer_batch=32 --workers=0,1,2,4,8,16 --profile_dir=/tmp/trace --out=bench_bf16.json
   python -m cc2dv2_jax.bench --config=configs/demo.py:tiny --iters=5 --workers=0,1 \
       --out=/tmp/tiny.json                                               # CPU smoke run
-  launch/gpu_check.sh runs the full-size set on a lent GPU (see its header).
+  launch/gpu_check.sh runs the full-size set on a lent GPU, in several such processes (see
+  launch/README.md "A lent GPU"); gpu_check.py is its Python side.
 
 Sections (`--sections`, default all):
   ssl_step   the SSL train step (image + patch through the encoder, loss, Adam) at ssl.batch_size;
@@ -37,8 +38,13 @@ Memory: `compiled_bytes` is the compiled program's arguments + outputs + tempora
 section's own only for the first section run (ssl_step) and a running maximum after that.
 
 A section that fails records {"error": ...} and the others still run; the exit status is then 1.
+The JSON is rewritten before and after every section: a process stopped by a time limit leaves
+what it measured, and the section it was in says so as its error. `--reference_json=FILE` (an
+earlier bench at the same batch sizes) supplies the SSL step's demand to `pipeline` and the TPL
+step to `tpl_naive`'s speedup when this run does not time them itself.
 
 Modules: timing.py (synchronised timing, XLA cost and memory analysis), fake_data.py (inputs),
 steps.py, inference.py, input_pipeline.py and compile_probe.py (the sections), profiling.py
-(trace parsing), runner.py (runs the sections), report.py (JSON and table), __main__.py (flags).
+(trace parsing), runner.py (runs the sections), report.py (JSON and table), __main__.py (flags),
+gpu_check.py (launch/gpu_check.sh's environment check, summary and run headline).
 """

@@ -29,6 +29,11 @@ flags.DEFINE_string("profile_dir", "", "If set: jax.profiler trace of 5 SSL step
 flags.DEFINE_string("compile_cache_dir", "",
                     "Persistent compilation cache for this run: '' = a new temporary directory "
                     "(so the SSL step's compile here is the cold one), 'none' = off, or a path.")
+flags.DEFINE_string("reference_json", "",
+                    "Results of an earlier bench at the same shapes: its ssl_step and tpl_step "
+                    "stand in for this run's in the pipeline's demand and the naive speedup. A "
+                    "missing or unreadable file is reported and ignored (the earlier run may "
+                    "have been stopped).")
 flags.DEFINE_string("probe", "", "Internal: config JSON of a compile probe.")
 flags.DEFINE_string("probe_cache_dir", "", "Internal: the compile probe's cache directory.")
 
@@ -55,7 +60,8 @@ def main(argv):
         infer_batch=FLAGS.infer_batch, workers=workers, pipeline_seconds=FLAGS.pipeline_seconds,
         naive_iters=FLAGS.naive_iters, profile_dir=FLAGS.profile_dir,
         fresh_cache_dir=cache_dir if fresh else None, cache_events=events,
-        on_section=lambda r: report.write_results(r, FLAGS.out))
+        on_section=lambda r: report.write_results(r, FLAGS.out),
+        reference=report.read_reference(FLAGS.reference_json))
   report.write_results(results, FLAGS.out)
   print(report.format_table(results))
   print(f"results: {FLAGS.out}")

@@ -72,6 +72,7 @@ def bench_pipeline(config, workers, min_seconds, min_batches, ctx, num_images=16
     step_s = min(step["ms_median"], step.get("ms_pipelined") or step["ms_median"]) / 1e3
     demand = b / step_s
     out["step_demand_samples_per_s"] = demand
+    out["step_demand_from"] = ctx.get("ssl_step_from")
     for row in rows:
       row["ratio_to_demand"] = row["samples_per_s"] / demand
     best = max(rows, key=lambda r: r["samples_per_s"])

@@ -1,6 +1,7 @@
 """The bench's results: the JSON file and the markdown table of the headline numbers."""
 import json
 import pathlib
+import sys
 
 from cc2dv2_jax import utils
 
@@ -46,8 +47,9 @@ def format_table(results):
                  f"{_mib(r['peak_bytes'])} |")
   if not err("tpl_naive"):
     r = results["tpl_naive"]
-    lines.append(f"| TPL step, naive (eager fp32) | {_fmt(r['ms_median'])} ms | TPL step is "
-                 f"{_fmt(r.get('speedup_of_tpl_step'))}x faster | | | |")
+    lines.append(f"| TPL step, naive (eager fp32) | {_fmt(r['ms_median'])} ms | TPL step "
+                 f"({r.get('tpl_step_from', '-')}) is {_fmt(r.get('speedup_of_tpl_step'))}x "
+                 f"faster | | | |")
   for name, label in (("ssl_infer", "SSL inference"), ("tpl_infer", "voting inference")):
     if err(name):
       continue
@@ -72,8 +74,8 @@ def format_table(results):
     c, w = r["cold"], r["warm"]
     lines.append(f"| SSL step compile (new process) | cold {_fmt(c['total_s'])} s | warm "
                  f"{_fmt(w['total_s'])} s (hits {w['cache_hits']}) | | | |")
-  prof = results.get("profile")
-  if prof and "error" not in prof:
+  if not err("profile"):
+    prof = results["profile"]
     kinds = ", ".join(f"{k} {v:.2f}" for k, v in list(prof["by_kind_ms"].items())[:5])
     lines.append(f"| profile: busy ms/step | {_fmt(prof['busy_ms_per_step'])} | {kinds} | | | |")
   return "\n".join(lines)
@@ -84,6 +86,17 @@ def write_results(results, path):
   if path.parent:
     path.parent.mkdir(parents=True, exist_ok=True)
   utils.atomic_write_text(path, json.dumps(results, indent=1, default=str))
+
+
+def read_reference(path):
+  """The results in `path` ('' = none); None, with a warning naming the file, if unreadable."""
+  if not path:
+    return None
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except (OSError, ValueError) as e:
+    print(f"[bench] reference {path} not used: {type(e).__name__}: {e}", file=sys.stderr)
+    return None
 
 
 def has_errors(results):

@@ -105,9 +105,14 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
     constants: device arrays added to every batch as they are (e.g. the on-device image pool).
     keep: checkpoints kept besides the best one (lowest mean loss over the last log_every steps).
     row_ids: optional image id of every row (cache.ids), for the non-finite report.
+    max_seconds: wall-clock budget of the training steps. Its clock starts when this process's
+      first step is done: that step compiles (tens of seconds at full size), and configs that
+      size the schedule to the budget (configs/ceph_fast.py) count compiling outside it.
   Returns:
-    (state, info) with info = dict(steps, elapsed_s, stopped_by) where stopped_by is
-    "steps" or "time".
+    (state, info) with info = dict(steps, elapsed_s, stopped_by, compile_s) where stopped_by is
+    "steps" or "time", elapsed_s the budgeted time and compile_s the wall time from the loop's
+    start to the end of each process's first step (compile or persistent-cache load, the first
+    batch and one step), summed over resumes.
   Raises:
     NonFiniteError: a loss or gradient norm was NaN/Inf; <name>/nonfinite_report.json names
       the step and batch; the checkpoints before it are kept.
@@ -119,13 +124,14 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
   # Wrapped before a restore: set_state then drops whatever was read ahead.
   batches = prefetch.device_prefetch(batches, mesh, size=prefetch_size)
   constants = dict(constants or {})
-  elapsed0 = 0.0
+  elapsed0 = compile0 = 0.0
   window = []  # host metrics of each step since the last metrics line
   recent = collections.deque(maxlen=log_every)  # last losses; their mean ranks the 'best' ckpt
   if ckpt.latest_step() is not None:
     state, data = ckpt.restore(state)
     batches.set_state(data["iterator"])
     elapsed0 = float(data.get("elapsed_s", 0.0))
+    compile0 = float(data.get("compile_s", 0.0))
     window = [dict(m) for m in data.get("log_window", [])]
     recent.extend(data.get("recent_loss", []))
     logging.info("[%s] resumed from step %d", name, ckpt.latest_step())
@@ -139,12 +145,15 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
 
   jstep = jax.jit(keyed_step, donate_argnums=0)
   rng = jax.random.key(seed)
-  t0 = time.time()
+  t_start, t0 = time.time(), None  # t0: the end of the first (compiling) step
   pending = []  # (step, batch rows, device metrics) not fetched yet: one host sync per flush
   stopped_by = "steps"
 
   def elapsed():
-    return elapsed0 + time.time() - t0
+    return elapsed0 + (time.time() - t0 if t0 is not None else 0.0)
+
+  def compile_s():
+    return compile0 + (t0 - t_start if t0 is not None else 0.0)
 
   def nonfinite(step, ids, bad):
     ckpt.close()  # let a save in flight (of an earlier, finite state) finish first
@@ -188,7 +197,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
     fetch()  # never checkpoint a state that came from a non-finite step
     if ckpt.latest_step() == step:
       return
-    data = {"iterator": batches.get_state(), "elapsed_s": elapsed(),
+    data = {"iterator": batches.get_state(), "elapsed_s": elapsed(), "compile_s": compile_s(),
             "log_window": [dict(m) for m in window], "recent_loss": list(recent)}
     metrics = {checkpoint.BEST_METRIC: float(np.mean(recent))} if recent else None
     ckpt.save(step, state, data, metrics)
@@ -212,6 +221,9 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
                         f"saved, rerun to resume") from None
       ids = np.asarray(batch.pop("index"))
       state, metrics = jstep(state, {**batch, **constants}, rng)
+      if t0 is None:
+        jax.block_until_ready(metrics)
+        t0 = time.time()
       step += 1
       pending.append((step, ids, metrics))
       if step % log_every == 0 or step == total_steps:
@@ -226,5 +238,6 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
       log(step)
     save(step)
     ckpt.close()
-  return state, {"steps": step, "elapsed_s": elapsed(), "stopped_by": stopped_by}
+  return state, {"steps": step, "elapsed_s": elapsed(), "stopped_by": stopped_by,
+                  "compile_s": compile_s()}
 
