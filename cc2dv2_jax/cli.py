@@ -125,6 +125,16 @@ def explain_flag_error(argv, error):
   return f"bad command line: {type(error).__name__}: {error}"
 
 
+def show_flags_in_short_help(flag_values, names):
+  """Makes `names` key flags of the running script, so that `--helpshort` lists them.
+
+  absl's short help lists the flags of the module named by sys.argv[0]; the `cc2dv2` console
+  script is a wrapper file of its own, under which no flag is defined.
+  """
+  for name in names:
+    flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
+
+
 def parse_flags(argv, flag_values):
   """absl's parsing of `flag_values`, with every failure one `error:` line and exit status 2."""
   try:

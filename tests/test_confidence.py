@@ -111,7 +111,8 @@ def test_evaluation_reports_confidence(tiny_run):
     assert conf.size and np.all((conf >= 0) & (conf <= 1)), stage
     c = json.loads((out / workdir_lib.RESULTS_FILE).read_text())["confidence"]
     assert c["n"] == int(sum(r["labelled"] == "1" for r in rows)), stage
-    assert c[report.LOW_KEY] == pytest.approx(np.quantile(conf, 0.25), rel=1e-6), stage
+    # (The CSV keeps 4 decimals.)
+    assert c[report.LOW_KEY] == pytest.approx(np.quantile(conf, 0.25), abs=1e-4), stage
     assert np.isfinite(c["low_mre"]) and np.isfinite(c["rest_mre"]), stage
     assert (out / "confidence_vs_error.png").exists(), stage
     assert "Confidence ranks errors" in (out / "results.md").read_text(), stage
