@@ -18,7 +18,6 @@ import cc2dv2_jax
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 from cc2dv2_jax.inference import api
-from tests.trained_tiny import tiny_run  # pylint: disable=unused-import  (a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,6 @@ from cc2dv2_jax.evaluation import plots
 from cc2dv2_jax.evaluation import report
 from cc2dv2_jax.inference import matching
 from cc2dv2_jax.inference import voting
-from tests.trained_tiny import tiny_run  # pylint: disable=unused-import  (a fixture)
 
 
 def test_vote_share_is_the_winners_share_of_the_voters():

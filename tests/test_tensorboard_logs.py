@@ -15,7 +15,6 @@ from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.training import logs
 from cc2dv2_jax.training import optim
 from tests import trained_tiny
-from tests.trained_tiny import tiny_run  # pylint: disable=unused-import  (a fixture)
 
 pytest.importorskip("tensorboardX")
 

@@ -1,8 +1,8 @@
 """One tiny trained workdir for the whole test session (configs/demo.py:tiny, `--stage=all`).
 
-Shared by the API, confidence, TensorBoard and console-script tests: training it takes about a
-minute on 2 cores, too long to repeat per file. Import the fixture by name:
-  from tests.trained_tiny import tiny_run  # pylint: disable=unused-import
+Shared by the API, confidence and TensorBoard tests: training it takes one to several minutes
+on 2 cores, too long to repeat per file. tests/conftest.py loads this file as a plugin, so the
+fixture is one for the whole session (imported into each test file it would be one per file).
 """
 import dataclasses
 import io
