@@ -15,14 +15,17 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # Only the package: configs/, launch/ and data_prep/ are run from a checkout
-    # (`python -m launch.ablate`, `--config=configs/ceph.py`) and import the library from it.
-    packages=find_packages(include=["cc2dv2_jax", "cc2dv2_jax.*"]),
+    # The package, and configs/ inside it as cc2dv2_jax.configs: the console script's default
+    # config (configs/demo.py) must exist wherever the package is installed. launch/ and
+    # data_prep/ are run from a checkout (`python -m launch.ablate`).
+    packages=find_packages(include=["cc2dv2_jax", "cc2dv2_jax.*"]) + ["cc2dv2_jax.configs"],
+    package_dir={"cc2dv2_jax.configs": "configs"},
     install_requires=requirements,
     extras_require={
         "cuda12": ["jax[cuda12]>=0.10.2,<0.13"],
         "cuda13": ["jax[cuda13]>=0.10.2,<0.13"],
         "dicom": ["pydicom>=2.4,<4"],
+        "wandb": ["wandb>=0.17"],
         # torch only for the weight converter and the parity tools; pinned so pip does not pull a
         # multi-GB CUDA build on CPU machines.
         "torch": ["torch==2.13.0"],

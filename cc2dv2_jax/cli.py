@@ -8,6 +8,7 @@ and returns the process exit status (cc2dv2_jax/exit_codes.py, README "Reliabili
 import contextlib
 import difflib
 import os
+import pathlib
 import signal
 import sys
 
@@ -19,7 +20,22 @@ from cc2dv2_jax import exit_codes
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 
-DEFAULT_CONFIG = "configs/demo.py"
+
+
+def _default_config():
+  """configs/demo.py as an absolute path, so `cc2dv2` works from any folder.
+
+  In a checkout (or an editable install) it is the repository's file beside the package; a wheel
+  ships configs/ inside the package as cc2dv2_jax/configs (setup.py).
+  """
+  package = pathlib.Path(__file__).resolve().parent
+  for candidate in (package.parent / "configs" / "demo.py", package / "configs" / "demo.py"):
+    if candidate.is_file():
+      return str(candidate)
+  return "configs/demo.py"  # neither: resolved against the working folder, as any --config=
+
+
+DEFAULT_CONFIG = _default_config()
 STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check", "predict")
 
 
@@ -35,7 +51,8 @@ def load_config(spec, overrides=()):
   """
   path = str(spec).partition(":")[0]
   if not os.path.isfile(path):
-    raise ConfigError(f"config file {path} not found (run from the repository root)")
+    raise ConfigError(f"config file {path} not found (from {os.getcwd()}; a relative path is "
+                      f"taken from the current folder)")
   argv = ["config", f"--config={spec}", *overrides]
   fv = flags.FlagValues()
   try:
@@ -106,6 +123,16 @@ def explain_flag_error(argv, error):
     if msg:
       return f"bad command line: {text}: {msg}"
   return f"bad command line: {type(error).__name__}: {error}"
+
+
+def show_flags_in_short_help(flag_values, names):
+  """Makes `names` key flags of the running script, so that `--helpshort` lists them.
+
+  absl's short help lists the flags of the module named by sys.argv[0]; the `cc2dv2` console
+  script is a wrapper file of its own, under which no flag is defined.
+  """
+  for name in names:
+    flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
 
 
 def parse_flags(argv, flag_values):

@@ -226,3 +226,29 @@ def shrink_for_cpu(c, *, width=0.125, embed_dim=16, ssl_batch=4, tpl_batch=3, ss
   for key, value in (phantoms or {}).items():
     c.data.phantoms[key] = value
   return c
+
+
+NO_ROOT = ("data.root is empty: this dataset config needs the dataset folder "
+           "(--config.data.root=DIR, or $CC2D_ISBI_ROOT for configs/ceph_cpu.py); synthetic "
+           "phantoms come only from configs/demo.py or --config.data.format=phantom")
+
+
+def uses_phantoms(config):
+  """Whether `config` trains on the synthetic phantoms (data/phantoms.py).
+
+  Only without data.root, and then only when asked for: data.format='phantom', or a config whose
+  phantom set is its dataset (data.phantoms.num_landmarks = data.num_landmarks, as
+  configs/demo.py sets). A dataset config (configs/ceph.py, bmple.py, ceph_cpu.py) without its
+  root is a mistake, not a request for phantoms: `check_root` stops it.
+  """
+  d = config.data
+  if d.root:
+    return False
+  return d.format == "phantom" or (
+      d.format == "auto" and d.phantoms.num_landmarks == d.num_landmarks)
+
+
+def check_root(config):
+  """Raises ValueError(NO_ROOT) for a config with neither a dataset root nor phantoms."""
+  if not config.data.root and not uses_phantoms(config):
+    raise ValueError(NO_ROOT)

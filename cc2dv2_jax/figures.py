@@ -35,7 +35,7 @@ from cc2dv2_jax.data import images as images_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 from cc2dv2_jax.evaluation import plots
-from cc2dv2_jax.inference import predict
+from cc2dv2_jax.inference import api
 from cc2dv2_jax.inference import restore
 
 SCALE_TITLES = ("1/32", "1/16", "1/8", "1/4", "1/2")
@@ -63,8 +63,8 @@ def _query(image, config, cache):
 
 def default_image_id(config, workdir):
   """The first image of the evaluation split of `workdir`'s dataset."""
-  run_config = predict.load_run_config(workdir, config)
-  cache = predict.template_cache(run_config, workdir)
+  run_config = api.load_run_config(workdir, config)
+  cache = api.template_cache(run_config, workdir)
   rows = cache.indices(run_config.eval.split)
   return cache.ids[int(rows[0])] if len(rows) else cache.ids[0]
 
@@ -75,7 +75,7 @@ def similarity_figure(workdirs, config, image, landmark, out_path, labels=None):
   Args:
     workdirs: 1 or 2 trained workdirs (each needs ssl/export; each uses its own config.json,
       data cache and template).
-    config: fallback config for keys a workdir's config.json lacks (see predict.load_run_config).
+    config: fallback config for keys a workdir's config.json lacks (see api.load_run_config).
     image: an image id of the workdirs' dataset caches (the ground truth is then shown), or the
       path of an image file (PNG, JPEG, BMP, TIFF, DICOM), resized to each model's grid.
     landmark: 1-based landmark number (as on the prediction overlays and in predictions.csv).
@@ -95,12 +95,12 @@ def similarity_figure(workdirs, config, image, landmark, out_path, labels=None):
   for i, wd in enumerate(workdirs):
     if not restore.has_export(wd, "ssl"):
       raise ConfigError(f"{wd}: no ssl/export (train the SSL stage first)")
-    cfg = predict.load_run_config(wd, config)
+    cfg = api.load_run_config(wd, config)
     n = int(cfg.data.num_landmarks)
     if not 1 <= int(landmark) <= n:
       raise ConfigError(f"landmark {landmark} out of range 1..{n} (landmarks are 1-based)")
     k = int(landmark) - 1
-    cache = predict.template_cache(cfg, wd)
+    cache = api.template_cache(cfg, wd)
     predictor = restore.stage_predictor(cfg, wd, "ssl", cache)
     query, gt, name = _query(image, cfg, cache)
     maps = np.asarray(predictor.similarity_maps(query))[:, 0, k]  # [5, H, W]

@@ -26,6 +26,7 @@ def main(argv):
 
 def app_main():
   """Console-script entry point (`cc2dv2 --config=...`)."""
+  cli.show_flags_in_short_help(FLAGS, ("config", "workdir", "stage", "overwrite"))
   app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, FLAGS))
 
 

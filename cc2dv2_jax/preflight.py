@@ -11,6 +11,7 @@ import pathlib
 import jax
 
 from cc2dv2_jax import checkpoint
+from cc2dv2_jax import config_lib
 from cc2dv2_jax import distributed
 from cc2dv2_jax import sharding
 from cc2dv2_jax import workdir as workdir_lib
@@ -65,7 +66,7 @@ def _problems(config):
   need(_get(config, "data.gt") in GT_CHOICES, "data.gt", f"choose from {GT_CHOICES}")
   need(str(_get(config, "data.template_id", "")) != "", "data.template_id", "must name an image")
   positive("data.num_workers", integer=True, allow_zero=True)
-  if not _get(config, "data.root", ""):  # (a missing root is reported by the dataset reader)
+  if not _get(config, "data.root", ""):  # (a root that does not exist: the dataset reader)
     pair("data.phantoms.size_hw", MIN_SIDE)
     need(_get(config, "data.phantoms.num_landmarks") == _get(config, "data.num_landmarks"),
          "data.phantoms.num_landmarks", "must equal data.num_landmarks")
@@ -132,7 +133,14 @@ def _problems(config):
 
 
 def check_config(config):
-  """Raises ConfigError listing every invalid setting; then checks batches against the devices."""
+  """Raises ConfigError listing every invalid setting; then checks batches against the devices.
+
+  A dataset config without its root stops first, with that one line (config_lib.check_root).
+  """
+  try:
+    config_lib.check_root(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   problems = _problems(config)
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))

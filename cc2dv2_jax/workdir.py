@@ -60,6 +60,16 @@ def metrics_path(workdir, stage):
   return stage_dir(workdir, stage) / "metrics.jsonl"
 
 
+def tensorboard_dir(workdir, stage):
+  """TensorBoard event files of a training stage (`tensorboard --logdir <workdir>` shows all)."""
+  return stage_dir(workdir, stage) / "tensorboard"
+
+
+def curves_path(workdir, stage):
+  """The training-curve figure drawn at the end of a stage from its metrics.jsonl."""
+  return stage_dir(workdir, stage) / "training_curves.png"
+
+
 def nonfinite_report_path(workdir, stage):
   return stage_dir(workdir, stage) / "nonfinite_report.json"
 

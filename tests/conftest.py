@@ -25,6 +25,9 @@ from tests import helpers
 # grain's multiprocessing prefetch reads absl flags.
 flags.FLAGS.mark_as_parsed()
 
+# The session's one tiny trained workdir (`tiny_run`), shared by every test file that asks for it.
+pytest_plugins = ("tests.trained_tiny",)
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 # One persistent compilation cache for the session (this process only; set before the first

@@ -27,6 +27,7 @@ from cc2dv2_jax.data import images as images_lib
 from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
+from cc2dv2_jax.inference import api
 from cc2dv2_jax.inference import predict
 from cc2dv2_jax.models import build
 from cc2dv2_jax.training import ssl
@@ -175,7 +176,7 @@ def test_load_run_config_keeps_trained_model(tmp_path):
   trained = tiny_config()
   workdir_lib.prepare(tmp_path, trained)
   given = _given_config("imgs", "out")
-  got = predict.load_run_config(tmp_path, given)
+  got = api.load_run_config(tmp_path, given)
   assert got.model.width == trained.model.width
   assert tuple(got.data.size_hw) == tuple(trained.data.size_hw)
   assert isinstance(got.data.size_hw, tuple)
@@ -184,7 +185,7 @@ def test_load_run_config_keeps_trained_model(tmp_path):
   recorded = json.loads((tmp_path / "config.json").read_text())
   del recorded["eval"]["radii"]
   (tmp_path / "config.json").write_text(json.dumps(recorded))
-  assert tuple(predict.load_run_config(tmp_path, given).eval.radii) == tuple(given.eval.radii)
+  assert tuple(api.load_run_config(tmp_path, given).eval.radii) == tuple(given.eval.radii)
 
 
 # ------------------------------------------------------------------------------- whole stage
@@ -236,14 +237,14 @@ def built(monkeypatch):
   """Records the predictor the stage builds, to apply that same model to the images directly
   (no second compilation)."""
   seen = []
-  original = predict.build_predictor
+  original = api.build_predictor
 
   def recording(config, workdir):
     out = original(config, workdir)
     seen.append(out)
     return out
 
-  monkeypatch.setattr(predict, "build_predictor", recording)
+  monkeypatch.setattr(api, "build_predictor", recording)
   return seen
 
 

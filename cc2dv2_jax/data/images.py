@@ -8,14 +8,14 @@ Conversion to 8-bit grey ([H, W] uint8, rows first):
 * Colour/palette images are converted with Pillow's "L" conversion (ITU-R 601-2 luma).
 * 16-bit / 32-bit integer and float images are rescaled linearly so that the image minimum maps to 0 and
   its maximum to 255 (a constant image gives all zeros).
-* DICOM: the stored values are first mapped to modality values with RescaleSlope / RescaleIntercept
-  (defaults 1 / 0). Then, when the file carries WindowCenter and WindowWidth (the first value if several),
-  the linear VOI window of DICOM PS3.3 C.11.2.1.2 is applied:
-      v <= c - 0.5 - (w - 1) / 2  ->  0,   v > c - 0.5 + (w - 1) / 2  ->  255,
-      otherwise ((v - (c - 0.5)) / (w - 1) + 0.5) * 255;
-  without a usable window (absent, or width < 1) the min/max rescale above is used instead. VOI LUT
-  sequences and the SIGMOID VOI function are not applied (the linear window is).
-  MONOCHROME1 images (where low values are bright) are inverted after windowing so bone is always bright.
+* DICOM: pydicom's own LUT functions. The stored values go through the Modality LUT
+  (`apply_modality_lut`: a Modality LUT Sequence, or RescaleSlope / RescaleIntercept), then the
+  VOI LUT (`apply_voi_lut`: a VOI LUT Sequence, else the first WindowCenter / WindowWidth with its
+  VOILUTFunction, LINEAR, LINEAR_EXACT or SIGMOID, as DICOM PS3.3 C.11.2 defines them). The VOI
+  output range (what pydicom maps values far below and far above the window or LUT to) is scaled
+  to 0..255. Without a VOI transform, or with one pydicom rejects (e.g. a LINEAR width < 1), the
+  modality values are rescaled min -> 0, max -> 255 instead.
+  MONOCHROME1 images (where low values are bright) are inverted after this so bone is always bright.
   Multi-frame files give their first frame; RGB DICOMs are converted to luma.
   The pixel spacing is PixelSpacing, or ImagerPixelSpacing when PixelSpacing is absent, both stored in
   DICOM order [row spacing, column spacing] in mm, i.e. already [y, x].
@@ -26,6 +26,7 @@ resolution tags are usually printer DPI), so they give None.
 import os
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from cc2dv2_jax.errors import DataError
@@ -97,18 +98,6 @@ def _import_pydicom(path):
   return pydicom
 
 
-def _first(value):
-  """First value of a possibly multi-valued DICOM element, as float (None if missing)."""
-  if value is None:
-    return None
-  try:
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-      value = value[0]
-    return float(value)
-  except (TypeError, ValueError, IndexError):
-    return None
-
-
 def dicom_spacing_yx(ds):
   """[row, col] mm per pixel from PixelSpacing or ImagerPixelSpacing, or None."""
   for key in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -121,6 +110,41 @@ def dicom_spacing_yx(ds):
       if sy > 0 and sx > 0 and np.isfinite(sy) and np.isfinite(sx):
         return (sy, sx)
   return None
+
+
+def _pydicom_luts():
+  """(apply_modality_lut, apply_voi_lut) of the installed pydicom (moved in pydicom 3)."""
+  try:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pydicom 2.x
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # pylint: disable=g-import-not-at-top
+  return apply_modality_lut, apply_voi_lut
+
+
+def _has_voi(ds):
+  return bool(ds.get("VOILUTSequence")) or (
+      ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None)
+
+
+def _voi_to_uint8(values, ds, apply_voi_lut):
+  """The VOI transform of modality `values` as uint8, or None when the file has no usable one."""
+  if not _has_voi(ds):
+    return None
+  try:
+    out = np.asarray(apply_voi_lut(values, ds, index=0), np.float64)
+    # The output range: where pydicom sends values far outside the window (or LUT), so that a
+    # window maps to the whole 0..255 whatever range the image's pixels happen to cover. (A
+    # SIGMOID's exp overflows there, to the limit it tends to.)
+    far = np.array([-2**40, 2**40], np.int64 if values.dtype.kind == "i" else np.float64)
+    with np.errstate(over="ignore"):
+      ends = np.asarray(apply_voi_lut(far, ds, index=0), np.float64)
+  except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+    logging.info("ignoring the VOI transform of a DICOM file (%s); min/max rescale instead", e)
+    return None
+  lo, hi = float(ends.min()), float(ends.max())
+  if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+    return None
+  return np.clip(np.rint((out - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
 def _read_dicom(path):
@@ -137,28 +161,52 @@ def _read_dicom(path):
   if frames > 1:
     arr = arr[0]
   if spp == 3 and arr.ndim == 3:
+    # Colour: no modality or VOI LUT applies (PS3.3 C.11: monochrome only).
     arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if arr.ndim != 2:
+      raise DataError(path, f"unsupported DICOM pixel array shape {arr.shape}")
+    return _rescale_min_max(arr), dicom_spacing_yx(ds)
   if arr.ndim != 2:
     raise DataError(path, f"unsupported DICOM pixel array shape {arr.shape}")
-  slope = _first(ds.get("RescaleSlope"))
-  intercept = _first(ds.get("RescaleIntercept"))
-  v = arr.astype(np.float64) * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept)
-  c = _first(ds.get("WindowCenter"))
-  w = _first(ds.get("WindowWidth"))
-  if c is not None and w is not None and w >= 1:
-    lo = c - 0.5 - (w - 1) / 2
-    hi = c - 0.5 + (w - 1) / 2
-    if w > 1:
-      out = ((v - (c - 0.5)) / (w - 1) + 0.5) * 255.0
-    else:
-      out = np.zeros_like(v)
-    out = np.where(v <= lo, 0.0, np.where(v > hi, 255.0, out))
-    img = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-  else:
-    img = _rescale_min_max(v)
+  apply_modality_lut, apply_voi_lut = _pydicom_luts()
+  try:
+    # Integers stay integers: a VOI LUT sequence indexes with them.
+    values = np.asarray(apply_modality_lut(arr, ds))
+    if values.dtype.kind in "ub":
+      values = values.astype(np.int64)
+  except Exception as e:  # pylint: disable=broad-except  (a malformed Modality LUT)
+    raise DataError(path, f"cannot apply the DICOM modality LUT ({type(e).__name__}: {e})") from None
+  img = _voi_to_uint8(values, ds, apply_voi_lut)
+  if img is None:
+    img = _rescale_min_max(values.astype(np.float64))
   if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
     img = 255 - img
   return img, dicom_spacing_yx(ds)
+
+
+def as_grey(image, where="image"):
+  """A PIL image or a numpy array as uint8 [H, W] grey, by the rules of the files above.
+
+  Arrays: [H, W] grey, or [H, W, 3] / [H, W, 4] RGB(A) (converted to luma as Pillow does);
+  uint8 is taken as is, other dtypes are rescaled min -> 0, max -> 255. `where` names the input
+  in errors (DataError).
+  """
+  if isinstance(image, Image.Image):
+    return _pil_to_grey(image, where)
+  a = np.asarray(image)
+  if a.ndim == 3 and a.shape[-1] in (3, 4):
+    if a.dtype != np.uint8:
+      a = _rescale_min_max(a)
+    return np.array(Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB").convert("L"))
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  if a.ndim != 2 or min(a.shape) < 1:
+    raise DataError(where, f"expected a grey [H, W] or colour [H, W, 3] image, got shape {a.shape}")
+  if a.dtype == np.uint8:
+    return a
+  if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
+    raise DataError(where, f"unsupported pixel type {a.dtype}")
+  return _rescale_min_max(a)
 
 
 def read_image(path):

@@ -1,9 +1,13 @@
 """Evaluation stage: predict the test split with each trained stage and write its report.
 
 <workdir>/<stage>/eval/ holds each stage's report (SSL-only and TPL) and predictions.csv (every
-image of the split, labelled or not); the eval stage also writes <workdir>/eval/summary.md with
-both side by side, after the one-shot baseline that learns nothing (every image gets the
-template's own landmark coordinates), the bar any learned model must clear. Only labelled images are scored: unlabelled ones are counted in the report, and
+image of the split, labelled or not, with a confidence per landmark); the eval stage also writes
+<workdir>/eval/summary.md with both side by side, after the one-shot baseline that learns nothing
+(every image gets the template's own landmark coordinates), the bar any learned model must clear.
+The report says how well the confidence ranks the errors (results.json "confidence",
+confidence_vs_error.png), and the lowest quarter of the split's confidences becomes the model's
+"low confidence" mark (`low_confidence_max`), which overlays here and in --stage=predict ring.
+Only labelled images are scored: unlabelled ones are counted in the report, and
 a split without any labelled image gives predictions and overlays with no scores.
 """
 import json
@@ -26,12 +30,27 @@ from cc2dv2_jax.evaluation import report
 from cc2dv2_jax.inference import restore
 
 
+# Confidence is judged against the errors at original resolution (no grid quantisation).
+CONFIDENCE_PROTOCOL = "fullres"
+LOW_QUANTILE = 0.25
+LOW_KEY = report.LOW_KEY
+
+
+def low_confidence_threshold(workdir, stage):
+  """The confidence at or under which `stage`'s predictions count as low (from its evaluation), or
+  None when the stage has not been evaluated."""
+  path = workdir_lib.results_path(workdir, stage)
+  if not path.exists():
+    return None
+  return (json.loads(path.read_text()).get("confidence") or {}).get(LOW_KEY)
+
+
 def _load(out_dir):
   path = out_dir / workdir_lib.RESULTS_FILE
   if not path.exists():
     return None
   results = json.loads(path.read_text())
-  results["markdown"] = report.markdown_table(results)
+  results["markdown"] = report.stage_markdown(results)
   return results
 
 
@@ -42,13 +61,17 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
   """
   predictor = restore.stage_predictor(config, workdir, stage, cache)
   t0 = time.time()
-  preds = predictor(cache.images[rows], desc=f"{stage} eval")
+  preds, conf = predictor.with_confidence(cache.images[rows], desc=f"{stage} eval")
   seconds = time.time() - t0
   results = metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
   results.update(stage=stage, inference_seconds=seconds, images_per_second=len(rows) / seconds)
+  labelled = cache.labelled[rows]
+  results["confidence"] = {
+      **metrics.confidence_ranking(conf[labelled], results["errors"][CONFIDENCE_PROTOCOL]),
+      "protocol": CONFIDENCE_PROTOCOL,
+      LOW_KEY: float(np.quantile(conf, LOW_QUANTILE)) if conf.size else None}
   if jax.process_index() == 0:
     ids = [cache.ids[r] for r in rows]
-    labelled = cache.labelled[rows]
     # The report folder appears whole or not at all: a kill while plotting must not leave a
     # results.json that a rerun takes for a finished evaluation.
     final_dir = pathlib.Path(out_dir)
@@ -61,12 +84,13 @@ def evaluate_stage(config, workdir, stage, cache, rows, out_dir):
                         gts={i: g for i, g, has in zip(ids, cache.gt_grid_yx(config.data.gt)[rows],
                                                         labelled) if has},
                         overlay_ids="auto" if config.eval.overlays else None,
-                        display_hw=dict(zip(ids, cache.orig_hw[rows])))
+                        display_hw=dict(zip(ids, cache.orig_hw[rows])),
+                        confidence=dict(zip(ids, conf)))
     report.write_predictions(tmp_dir / "predictions.csv", ids, [cache.splits[r] for r in rows],
-                             labelled, preds, cache.orig_hw[rows], cache.size_hw)
+                             labelled, preds, cache.orig_hw[rows], cache.size_hw, conf)
     cache_lib.replace_dir(tmp_dir, final_dir)
   distributed.sync(f"{stage}_eval_report")
-  results["markdown"] = report.markdown_table(results)
+  results["markdown"] = report.stage_markdown(results)
   logging.info("%s evaluation: %d images predicted, %d scored, %d unlabelled (%.1f s):\n%s", stage,
                len(rows), results["n_images"], results["n_unlabelled"], seconds,
                results["markdown"])

@@ -13,6 +13,7 @@ Coordinates are [y, x]. Two protocols are reported side by side:
 import logging
 
 import numpy as np
+import scipy.stats
 
 from cc2dv2_jax.data import cache as cache_lib
 from cc2dv2_jax.data import landmarks as lm
@@ -286,4 +287,43 @@ def evaluate_cache(pred_grid_yx, cache, indices, *, gt="mean", split_names=None,
                  gt=gt, split_names=split_names, radii=radii, ids=cache.ids)
   out.update(n_predicted=int(len(rows)), n_unlabelled=int(np.sum(~lab)),
              unlabelled_ids=[str(cache.ids[r]) for r in rows[~lab]])
+  return out
+
+
+def finite_pairs(a, b, a_name="values", b_name="values"):
+  """Flattened float64 copies of `a` and `b` (same size) without the pairs where either is not
+  finite; ValueError naming both when the sizes differ."""
+  a = np.asarray(a, np.float64).ravel()
+  b = np.asarray(b, np.float64).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f"{a.size} {a_name} for {b.size} {b_name}")
+  ok = np.isfinite(a) & np.isfinite(b)
+  return a[ok], b[ok]
+
+
+def confidence_ranking(confidence, errors, quantile=0.25):
+  """How well a per-landmark confidence ranks the errors.
+
+  Args:
+    confidence, errors: [N, L] (or any equal shape) per prediction; non-finite pairs are left out.
+    quantile: the share of predictions called "low confidence".
+  Returns:
+    {"quantile", "n", "threshold": confidence of the last prediction counted as low,
+     "low_mre": mean error of the lowest-confidence `quantile` of the predictions (ties broken by
+     position), "rest_mre": mean error of the others, "spearman": rank correlation of confidence
+     and error (negative when higher confidence means smaller errors)}; the numbers are NaN
+     when there are fewer than 2 predictions.
+  """
+  c, e = finite_pairs(confidence, errors, "confidences", "errors")
+  nan = float("nan")
+  out = {"quantile": float(quantile), "n": int(c.size), "threshold": nan, "low_mre": nan,
+         "rest_mre": nan, "spearman": nan}
+  if c.size < 2:
+    return out
+  order = np.argsort(c, kind="stable")
+  k = min(max(1, int(round(quantile * c.size))), c.size - 1)
+  out.update(threshold=float(c[order[k - 1]]), low_mre=float(e[order[:k]].mean()),
+             rest_mre=float(e[order[k:]].mean()))
+  if np.ptp(c) > 0 and np.ptp(e) > 0:
+    out["spearman"] = float(scipy.stats.spearmanr(c, e).statistic)
   return out

@@ -10,6 +10,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cc2dv2_jax.evaluation import metrics
+
 BACKGROUND = (255, 255, 255)
 # Distinct series colours (Tableau-10 like), chosen for contrast on white.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -17,6 +19,7 @@ PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 GT_COLOUR = (40, 220, 40)
 PRED_COLOUR = (255, 40, 40)
 LINE_COLOUR = (255, 230, 0)
+LOW_COLOUR = (255, 150, 0)
 
 _FONTS = {}
 
@@ -188,20 +191,35 @@ def _limits(values, include_zero=False, pad=0.05):
 # Plots
 
 
-def line_plot(series, title, xlabel, ylabel, path, *, size=(900, 600), ylim=None, xlim=None,
-              logy=False, legend="upper right", markers=None, yticks=None):
-  """Line chart of several series.
+def line_plot(series, title, xlabel, ylabel, path, **kwargs):
+  """`line_plot_image` written to the PNG file `path`; returns the path."""
+  return save_png(line_plot_image(series, title, xlabel, ylabel, **kwargs), path)
+
+
+def hstack(images, path):
+  """PIL images side by side (tops aligned, white fill) written to the PNG file `path`."""
+  w = sum(im.width for im in images)
+  h = max(im.height for im in images)
+  out = Image.new("RGB", (w, h), BACKGROUND)
+  x = 0
+  for im in images:
+    out.paste(im, (x, 0))
+    x += im.width
+  return save_png(out, path)
+
+
+def line_plot_image(series, title, xlabel, ylabel, *, size=(900, 600), ylim=None, xlim=None,
+                    logy=False, legend="upper right", markers=None, yticks=None):
+  """Line chart of several series, as a PIL image.
 
   Args:
     series: {name: (xs, ys)}; NaN / non-finite points break the line.
     title, xlabel, ylabel: texts.
-    path: PNG file to write.
     ylim, xlim: optional (lo, hi); default fits the data with 5% padding.
     logy: logarithmic y axis (non-positive values are dropped), for loss curves.
     legend: 'upper right' or 'lower right'.
     markers: draw point markers; default when every series has at most 40 points.
     yticks: optional explicit y tick values (linear axis).
-  Returns the path.
   """
   w, h = size
   img = Image.new("RGB", (w, h), BACKGROUND)
@@ -253,7 +271,46 @@ def line_plot(series, title, xlabel, ylabel, path, *, size=(900, 600), ylim=None
         if p is not None and all(map(math.isfinite, p)):
           ax.draw.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=c)
   ax.legend([d[0] for d in data], colours, where=legend)
-  return save_png(img, path)
+  return img
+
+
+def scatter_plot(xs, ys, title, xlabel, ylabel, path, *, size=(900, 600), vline=None,
+                 vline_label="", note=""):
+  """Scatter of points (xs[i], ys[i]), optionally a dashed vertical line at x = `vline`.
+
+  Args:
+    xs, ys: [N] numbers (non-finite pairs are skipped).
+    vline_label: legend text of the line; note: a line of text under the title.
+  Returns the path.
+  """
+  xs, ys = metrics.finite_pairs(xs, ys, "x values", "y values")
+  w, h = size
+  img = Image.new("RGBA", (w, h), BACKGROUND + (255,))
+  xlim = _limits(xs, pad=0.03)
+  ylim = _limits(ys, include_zero=True)
+  xticks = [t for t in nice_ticks(*xlim, target=8) if xlim[0] - 1e-9 <= t <= xlim[1] + 1e-9]
+  yticks = [t for t in nice_ticks(*ylim) if ylim[0] - 1e-9 <= t <= ylim[1] + 1e-9]
+  box = (_left_margin([_fmt(t) for t in yticks]), 70 if note else 50, w - 25, h - 70)
+  ax = _Axes(img, box, xlim, ylim)
+  ax.frame(xticks, yticks, title=title, xlabel=xlabel, ylabel=ylabel)
+  if note:
+    ax.draw.text(((box[0] + box[2]) / 2, 38), note, fill=(60, 60, 60), font=_font(14), anchor="mt")
+  # Translucent dots: where many overlap the colour deepens, so density stays visible.
+  layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+  ld = ImageDraw.Draw(layer)
+  r = 3 if xs.size > 500 else 4
+  for x, y in zip(xs, ys):
+    u, v = ax.px(x, y)
+    ld.ellipse([u - r, v - r, u + r, v + r], fill=PALETTE[0] + (110,))
+  img.alpha_composite(layer)
+  ax.draw = ImageDraw.Draw(img)
+  if vline is not None and np.isfinite(vline):
+    u, _ = ax.px(vline, ylim[0])
+    for v in np.arange(box[1], box[3], 12):
+      ax.draw.line([(u, v), (u, min(v + 6, box[3]))], fill=PALETTE[3], width=2)
+    if vline_label:
+      ax.legend([vline_label], [PALETTE[3]])
+  return save_png(img.convert("RGB"), path)
 
 
 def bar_plot(values, labels, title, ylabel, path, errors=None, *, xlabel="", size=None):
@@ -336,19 +393,25 @@ def _to_rgb_image(image):
 
 
 def overlay(image, pred_yx, gt_yx, path, scale=None, *, title=None, numbers=True,
-            display_hw=None):
-  """Draws predictions (red crosses, 1-based numbers) and GT (green dots) on an image.
+            display_hw=None, low=None):
+  """`overlay_image` written to the PNG file `path`; returns the path."""
+  return save_png(overlay_image(image, pred_yx, gt_yx, scale, title=title, numbers=numbers,
+                                display_hw=display_hw, low=low), path)
+
+
+def overlay_image(image, pred_yx, gt_yx, scale=None, *, title=None, numbers=True,
+                  display_hw=None, low=None):
+  """Draws predictions (red crosses, 1-based numbers) and GT (green dots) on an image (PIL).
 
   Args:
     image: uint8 [H, W] grey (or [H, W, 3]); the frame of the points.
     pred_yx: [L, 2] float/int [y, x] predictions in image pixels.
     gt_yx: [L, 2] ground truth or None; a yellow line joins each pair.
-    path: PNG file.
     scale: output magnification; default makes the longer side about 900 px.
     title: optional text drawn at the top left.
     display_hw: (H, W) whose aspect ratio the picture gets, e.g. the original image's when
       `image` is its square training-grid copy; default the image's own.
-  Returns the path.
+    low: optional bool [L]: low-confidence predictions, ringed in orange (and in the legend).
   """
   base = _to_rgb_image(image)
   h0, w0 = base.height, base.width
@@ -380,6 +443,12 @@ def overlay(image, pred_yx, gt_yx, path, scale=None, *, title=None, numbers=True
     for g in gt:
       u, v = px(g)
       d.ellipse([u - r, v - r, u + r, v + r], fill=GT_COLOUR, outline=(0, 0, 0))
+  low = np.zeros(len(pred), bool) if low is None else np.asarray(low, bool).reshape(-1)
+  if low.shape != (len(pred),):
+    raise ValueError(f"low has {low.size} flags for {len(pred)} predictions")
+  for p in pred[low]:
+    u, v = px(p)
+    d.ellipse([u - r * 3, v - r * 3, u + r * 3, v + r * 3], outline=LOW_COLOUR, width=lw + 1)
   for k, p in enumerate(pred):
     u, v = px(p)
     d.line([(u - r * 1.3, v - r * 1.3), (u + r * 1.3, v + r * 1.3)], fill=PRED_COLOUR, width=lw + 1)
@@ -409,11 +478,16 @@ def overlay(image, pred_yx, gt_yx, path, scale=None, *, title=None, numbers=True
     x += 2 * m + 20 + _text_size(hd, "ground truth", lf)[0]
     hd.line([(x, cy), (x + 24, cy)], fill=LINE_COLOUR, width=max(2, lw))
     hd.text((x + 30, cy), "error", fill=(255, 255, 255), font=lf, anchor="lm")
+    x += 50 + _text_size(hd, "error", lf)[0]
+  elif low.any():
+    x += 2 * m + 20 + _text_size(hd, "prediction (number = landmark)", lf)[0]
+  if low.any():
+    hd.ellipse([x, cy - m * 1.4, x + 2.8 * m, cy + m * 1.4], outline=LOW_COLOUR, width=lw + 1)
+    hd.text((x + 2.8 * m + 6, cy), "low confidence", fill=(255, 255, 255), font=lf, anchor="lm")
   full = Image.new("RGB", (w, h + header.height), (30, 30, 30))
   full.paste(header, (0, 0))
   full.paste(img, (0, header.height))
-  img = full
-  return save_png(img, path)
+  return full
 
 
 def _lerp_table(anchors, n=256):

@@ -22,6 +22,8 @@ from cc2dv2_jax.evaluation import plots
 from cc2dv2_jax.utils import atomic_write_text
 
 PROTOCOL_TITLES = {"grid": "grid (reference)", "fullres": "full resolution"}
+# results["confidence"][LOW_KEY]: predictions with a confidence at or under it are "low".
+LOW_KEY = "low_confidence_max"
 
 
 def radius_key(r):
@@ -164,13 +166,16 @@ def _pick(container, row, key):
   return container[row]
 
 
-def write_predictions(path, ids, splits, labelled, pred_grid_yx, orig_hw, grid_hw):
-  """Writes predictions.csv: image_id,split,labelled,landmark,x,y, one row per landmark.
+def write_predictions(path, ids, splits, labelled, pred_grid_yx, orig_hw, grid_hw,
+                      confidence=None):
+  """Writes predictions.csv: image_id,split,labelled,landmark,x,y,confidence, one row per landmark.
 
   Args:
     ids, splits: [M] per predicted image; labelled: [M] bool (1/0 in the file: scored or not).
     pred_grid_yx: [M, L, 2] predictions [y, x] on the grid grid_hw.
     orig_hw: [M, 2] original image sizes.
+    confidence: [M, L] per prediction in [0, 1] (inference/predictors.py); None leaves the
+      column empty.
   landmark is 1-based (as on the overlays); x (column), y (row) in pixels of the original image,
   0,0 = centre of the top-left pixel (the pixel-centre map back from the grid, as in --stage=predict).
   """
@@ -178,17 +183,68 @@ def write_predictions(path, ids, splits, labelled, pred_grid_yx, orig_hw, grid_h
   orig = np.asarray(orig_hw, np.float64)
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["image_id", "split", "labelled", "landmark", "x", "y"])
+  w.writerow(["image_id", "split", "labelled", "landmark", "x", "y", "confidence"])
   for i, image_id in enumerate(ids):
     yx = lm_lib.grid_to_orig(pred[i], orig[i], np.asarray(grid_hw, np.float64))
     for k, (y, x) in enumerate(yx):
-      w.writerow([image_id, splits[i], int(bool(labelled[i])), k + 1, f"{x:.3f}", f"{y:.3f}"])
+      c = "" if confidence is None else format_confidence(confidence[i][k])
+      w.writerow([image_id, splits[i], int(bool(labelled[i])), k + 1, f"{x:.3f}", f"{y:.3f}", c])
   atomic_write_text(path, buf.getvalue())
   return path
 
 
+def format_confidence(c):
+  """A confidence as written in CSV files: 4 decimals."""
+  return f"{float(c):.4f}"
+
+
+def stage_markdown(results):
+  """What a stage's evaluation prints: the summary table and the confidence paragraph."""
+  return "\n\n".join(t for t in (markdown_table(results), confidence_markdown(results)) if t)
+
+
+def confidence_markdown(results):
+  """A markdown paragraph on how well the confidence ranks the errors ('' without one)."""
+  c = results.get("confidence")
+  if not c or c.get("n") in (None, 0):
+    return ""
+  unit = results.get("unit", "mm")
+  q = int(round(100 * c["quantile"]))
+  return (f"Confidence ranks errors: the lowest-confidence {q} % of the {c['n']} scored "
+          f"predictions have a mean error of {_num(c['low_mre'])} {unit}, the other "
+          f"{100 - q} % {_num(c['rest_mre'])} {unit} (Spearman rank correlation of confidence "
+          f"and error {_num(c['spearman'])}; {PROTOCOL_TITLES.get(c.get('protocol'), '')} "
+          f"errors). Overlays ring predictions with confidence <= "
+          f"{_num(c.get(LOW_KEY), '{:.4f}')} (the split's lowest quarter).")
+
+
+def _confidence_figure(results, confidence, path):
+  """confidence_vs_error.png: one dot per scored prediction; None when there is nothing to draw."""
+  c = results.get("confidence") or {}
+  ids = results.get("ids")
+  if not c.get("n") or confidence is None or ids is None:
+    return None
+  conf = np.stack([np.asarray(_pick(confidence, r, k), np.float64) for r, k in enumerate(ids)])
+  errors = np.asarray(results["errors"][c["protocol"]], np.float64)
+  unit = results.get("unit", "mm")
+  q = int(round(100 * c["quantile"]))
+  note = (f"mean error: lowest-confidence {q} % {_num(c['low_mre'])} {unit}, other "
+          f"{100 - q} % {_num(c['rest_mre'])} {unit}; Spearman {_num(c['spearman'])}")
+  return plots.scatter_plot(conf, errors, "Confidence vs error per landmark",
+                            "confidence", f"radial error ({unit})", path, vline=c["threshold"],
+                            vline_label=f"lowest {q} % of confidences", note=note)
+
+
+def _low_flags(results, confidence, row, key):
+  c = _pick(confidence, row, key)
+  limit = (results.get("confidence") or {}).get(LOW_KEY)
+  if c is None or limit is None:
+    return None
+  return np.asarray(c, np.float64) <= limit
+
+
 def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay_ids="auto",
-                 display_hw=None):
+                 display_hw=None, confidence=None):
   """Writes the evaluation report folder.
 
   Args:
@@ -203,8 +259,11 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
       {id: image} (`preds` then keyed by id too).
     display_hw: optional (H, W) per image (as `images`) whose aspect the overlay takes: the
       original image size when `images` are the square training-grid copies.
-  Files: results.json, results.md, sdr_vs_radius.png, per_landmark_error.png (not without scored
-  images), overlays/<id>.png.
+    confidence: optional [L] confidences per image (as `images`); with results["confidence"]
+      (metrics.confidence_ranking plus "low_confidence_max") overlays ring the low ones and
+      confidence_vs_error.png is drawn.
+  Files: results.json, results.md, sdr_vs_radius.png, per_landmark_error.png,
+  confidence_vs_error.png (these three not without scored images), overlays/<id>.png.
   Returns {name: path} of the files written.
   """
   os.makedirs(out_dir, exist_ok=True)
@@ -218,7 +277,7 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   radii = results["radii"]
   if _no_ground_truth(results):
     return _write_unscored_report(results, out_dir, written, images, preds, overlay_ids,
-                                  display_hw)
+                                  display_hw, confidence)
   series = {}
   for proto in protos:
     for split, s in results["summary"][proto].items():
@@ -240,6 +299,9 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   plots.bar_plot(values, labels, "Mean radial error per landmark (pooled, bars: ± std)",
                  f"MRE ({unit})", path, errors=errs, xlabel="landmark")
   written["per_landmark_error.png"] = path
+  path = _confidence_figure(results, confidence, os.path.join(out_dir, "confidence_vs_error.png"))
+  if path:
+    written["confidence_vs_error.png"] = path
 
   overlay_paths = []
   n = int(results.get("n_images", 0))
@@ -257,7 +319,8 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
           parts.append(f"{PROTOCOL_TITLES.get(proto, proto)} MRE {_num(v[row])} {unit}")
       path = os.path.join(out_dir, "overlays", _safe_name(key) + ".png")
       plots.overlay(img, pred, gt, path, title="   ".join(parts),
-                    display_hw=_pick(display_hw, row, key))
+                    display_hw=_pick(display_hw, row, key),
+                    low=_low_flags(results, confidence, row, key))
       overlay_paths.append(path)
   written["overlays"] = overlay_paths
 
@@ -273,8 +336,12 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   for proto in protos:
     md += [f"## Per landmark, {_protocol_title(results, proto)}, {metrics.POOLED}", "",
            per_landmark_table(results, proto), ""]
+  if confidence_markdown(results):
+    md += ["## Confidence", "", confidence_markdown(results), ""]
   md += ["## Figures", "", "![SDR vs radius](sdr_vs_radius.png)", "",
          "![Per-landmark MRE](per_landmark_error.png)", ""]
+  if "confidence_vs_error.png" in written:
+    md += ["![Confidence vs error](confidence_vs_error.png)", ""]
   for p in overlay_paths:
     rel = os.path.relpath(p, out_dir)
     md += [f"![{os.path.basename(p)}]({rel})", ""]
@@ -284,7 +351,8 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   return written
 
 
-def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids, display_hw):
+def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids, display_hw,
+                           confidence=None):
   """write_report without ground truth: a results.md that says so, prediction overlays only."""
   overlay_paths = []
   if isinstance(images, dict) and preds is not None and overlay_ids is not None:
@@ -296,7 +364,8 @@ def _write_unscored_report(results, out_dir, written, images, preds, overlay_ids
     for key in keys:
       path = os.path.join(out_dir, "overlays", _safe_name(key) + ".png")
       plots.overlay(images[key], _pick(preds, None, key), None, path,
-                    title=f"{key}   (no ground truth)", display_hw=_pick(display_hw, None, key))
+                    title=f"{key}   (no ground truth)", display_hw=_pick(display_hw, None, key),
+                    low=_low_flags(results, confidence, None, key))
       overlay_paths.append(path)
   written["overlays"] = overlay_paths
   md = ["# Evaluation results", "", unscored_note(results), "",

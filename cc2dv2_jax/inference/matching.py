@@ -17,6 +17,9 @@ reference code does not implement; it is offered as an option:
   Steps 1-2 use the unclamped cosine: clamping only creates ties at 0, which would make the
   windowed argmax fall to the window's first cell.
 
+Confidence (`match(..., with_confidence=True)`): the product score at the chosen pixel, in [0, 1]:
+every layer's similarity at once, so a peak that only one layer supports scores low.
+
 Layer order: index 0..4 = strides (32, 16, 8, 4, 2). Coordinates are [y, x]; maps are NHWC.
 Memory: the full-resolution maps are built one chunk of landmarks at a time (`lax.map`), so peak
 memory is about B * chunk * H * W * 7 floats instead of B * L * H * W * 5.
@@ -169,21 +172,25 @@ def _match(query_feats, tmpl_feats, size_hw, mode, window, chunk, strides):
     # maps: list of [B, Hi, Wi] for one landmark.
     prod = _product([m[:, None] for m in maps], size_hw)[:, 0]  # [B, H, W]
     if mode == "product":
-      return _first_argmax_yx(_minmax(prod), w)
-    cell = _first_argmax_yx(maps[0], maps[0].shape[-1])
-    for k in range(1, len(maps)):
-      ratio = strides[k - 1] // strides[k]
-      mask = _window_mask(maps[k].shape[-2:], cell, ratio, window)
-      cell = _masked_argmax_yx(maps[k], mask)
-    mask = _window_mask((h, w), cell, strides[-1], window)
-    return _masked_argmax_yx(prod, mask)
+      yx = _first_argmax_yx(_minmax(prod), w)
+    else:
+      cell = _first_argmax_yx(maps[0], maps[0].shape[-1])
+      for k in range(1, len(maps)):
+        ratio = strides[k - 1] // strides[k]
+        mask = _window_mask(maps[k].shape[-2:], cell, ratio, window)
+        cell = _masked_argmax_yx(maps[k], mask)
+      mask = _window_mask((h, w), cell, strides[-1], window)
+      yx = _masked_argmax_yx(prod, mask)
+    flat = (yx[:, 0] * w + yx[:, 1])[:, None]
+    conf = jnp.take_along_axis(prod.reshape(prod.shape[0], -1), flat, axis=1)[:, 0]
+    return yx, conf
 
-  pred = jax.lax.map(one_landmark, cos_l, batch_size=_chunk_size(b, n, size_hw, chunk))
-  return jnp.swapaxes(pred, 0, 1)  # [B, L, 2]
+  pred, conf = jax.lax.map(one_landmark, cos_l, batch_size=_chunk_size(b, n, size_hw, chunk))
+  return jnp.swapaxes(pred, 0, 1), jnp.swapaxes(conf, 0, 1)  # [B, L, 2], [B, L]
 
 
 def match(query_feats, tmpl_feats, size_hw, mode="product", window=2, chunk=None,
-          strides=STRIDES):
+          strides=STRIDES, with_confidence=False):
   """Landmark predictions of the queries by template matching.
 
   Args:
@@ -197,10 +204,14 @@ def match(query_feats, tmpl_feats, size_hw, mode="product", window=2, chunk=None
     chunk: landmarks per `lax.map` step (None: as many as fit in ~256 MB of maps).
     strides: strides of the maps; consecutive ones must halve for coarse_to_fine.
 
+    with_confidence: also return the product score at each prediction.
+
   Returns:
-    pred_yx int32 [B, L, 2] in [y, x] on the size_hw grid.
+    pred_yx int32 [B, L, 2] in [y, x] on the size_hw grid; with_confidence: (pred_yx,
+    confidence float32 [B, L] in [0, 1]).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  return _match(list(query_feats), list(tmpl_feats), tuple(int(v) for v in size_hw), mode,
-                int(window), None if chunk is None else int(chunk), tuple(strides))
+  pred, conf = _match(list(query_feats), list(tmpl_feats), tuple(int(v) for v in size_hw), mode,
+                      int(window), None if chunk is None else int(chunk), tuple(strides))
+  return (pred, conf) if with_confidence else pred

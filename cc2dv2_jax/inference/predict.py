@@ -9,18 +9,26 @@ an extension; other files are ignored.
 The model is the workdir's TPL export when there is one, else its SSL export (template matching
 with the workdir's template from its data cache).
 
+The images go through the same `Predictor` as the Python API (inference/api.py), so a script and
+this command give the same numbers.
+
 Which config is used: the one the workdir was trained with (<workdir>/config.json) for everything
 that defines the model and its input grid; only run-time settings come from the command line:
 `predict.*`, `compile_cache`, `distributed`, `data.num_workers` and a non-empty `data.cache_dir`.
-So `--config=` need not match the trained run (`predict` never refuses a workdir).
+So `--config=` need not match the trained run (`predict` never refuses a workdir), and the
+workdir alone is enough: no config file of the repository is needed.
 
 Outputs, in predict.output_dir (default <workdir>/predict/):
-* predictions.csv: image,name,landmark,x,y,x_mm,y_mm, one row per landmark of each image read;
+* predictions.csv: image,name,landmark,x,y,x_mm,y_mm,confidence, one row per landmark of each
+  image read;
   landmark is 1-based (as drawn on the overlays); x (column), y (row) in pixels of the ORIGINAL image,
   0,0 = centre of the top-left pixel; x_mm = x * column spacing, y_mm = y * row spacing (mm from that
-  pixel centre), empty when the spacing is unknown (only DICOM files carry one).
-* <name>.json per image: the same numbers plus image size, spacing and model.
-* <name>_overlay.png per image: the image with numbered red crosses.
+  pixel centre), empty when the spacing is unknown (only DICOM files carry one); confidence in
+  [0, 1] (inference/predictors.py says what it is for each model).
+* <name>.json per image: the same numbers plus image size, spacing, model and, once the workdir
+  has been evaluated, a low_confidence flag per landmark (the lowest quarter of the model's
+  confidences on its test split).
+* <name>_overlay.png per image: the image with numbered red crosses, low-confidence ones ringed.
 * failed.txt: 'path<TAB>reason' per input that could not be read (absent when none failed).
 A file that cannot be read is reported and skipped; the others are still processed, and the returned
 dict's "failed" list makes the command exit with status 1.
@@ -34,74 +42,22 @@ import pathlib
 import re
 
 import jax
-import ml_collections
-import numpy as np
 from absl import logging
 
 from cc2dv2_jax import utils
 from cc2dv2_jax import workdir as workdir_lib
-from cc2dv2_jax.data import cache as cache_lib
-from cc2dv2_jax.data import dataset
 from cc2dv2_jax.data import images as images_lib
-from cc2dv2_jax.data import landmarks as lm_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 from cc2dv2_jax.evaluation import plots
-from cc2dv2_jax.inference import restore
+from cc2dv2_jax.inference import api
 
 CSV_NAME = "predictions.csv"
 FAILED_NAME = "failed.txt"
-CSV_COLUMNS = ("image", "name", "landmark", "x", "y", "x_mm", "y_mm")
+CSV_COLUMNS = api.CSV_COLUMNS
 # Images read, predicted and written per group: bounds memory (originals are kept for the overlays)
 # while the predictor still gets several full batches per call.
 _GROUP_BATCHES = 8
-
-
-# ------------------------------------------------------------------------------------------------
-# Config of a trained run
-
-
-def _tuples(v):
-  """JSON lists back to the tuples the configs use (ConfigDict field types stay as in the code)."""
-  if isinstance(v, dict):
-    return {k: _tuples(x) for k, x in v.items()}
-  if isinstance(v, list):
-    return tuple(_tuples(x) for x in v)
-  return v
-
-
-def load_run_config(workdir, config):
-  """The config `workdir` was trained with, with the run-time settings of `config`.
-
-  Args:
-    workdir: a trained workdir (holds config.json written by the training stages).
-    config: the config given on the command line; keys missing from an older config.json are
-      taken from it, and so are predict.*, compile_cache, distributed, data.num_workers and a
-      non-empty data.cache_dir.
-  Returns:
-    a new, unlocked ml_collections.ConfigDict.
-  """
-  path = pathlib.Path(workdir) / workdir_lib.CONFIG_FILE
-  given = config.to_dict()
-  # Untyped: a recorded value wins even where its JSON type differs from the given one's.
-  merged = ml_collections.ConfigDict(json.loads(json.dumps(given, default=list)), type_safe=False)
-  if path.exists():
-    try:
-      recorded = json.loads(path.read_text())
-    except ValueError as e:
-      raise DataError(path, f"cannot parse the run's config ({e})") from None
-    merged.update(recorded)  # recursive: groups are merged key by key
-  else:
-    logging.warning("%s not found: using the given config for the model settings", path)
-  merged = merged.to_dict()
-  merged["predict"] = json.loads(json.dumps(given["predict"], default=list))
-  for key in ("compile_cache", "distributed"):
-    if key in given:
-      merged[key] = json.loads(json.dumps(given[key], default=list))
-  merged["data"]["num_workers"] = given["data"]["num_workers"]
-  if given["data"].get("cache_dir"):
-    merged["data"]["cache_dir"] = given["data"]["cache_dir"]
-  return ml_collections.ConfigDict(_tuples(merged))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,82 +123,28 @@ def output_names(paths):
 
 
 # ------------------------------------------------------------------------------------------------
-# Model
-
-
-def template_cache(config, workdir):
-  """The workdir's data cache (for the SSL template image and landmarks)."""
-  d = dataset.cache_dir(config, workdir)
-  if (d / "meta.json").exists():
-    c = cache_lib.load_cache(d)
-    dataset.validate(c, config, str(d))
-    return c
-  logging.info("%s has no data cache: rebuilding it for the template", workdir)
-  return dataset.ensure_cache(config, workdir)
-
-
-def build_predictor(config, workdir):
-  """(predictor, 'tpl' | 'ssl'): TPL voting when trained, else SSL template matching."""
-  if restore.has_export(workdir, "tpl"):
-    return restore.tpl_predictor(config, workdir, tuple(config.data.size_hw)), "tpl"
-  if restore.has_export(workdir, "ssl"):
-    cache = template_cache(config, workdir)
-    return restore.stage_predictor(config, workdir, "ssl", cache), "ssl"
-  raise ConfigError(f"{workdir}: no trained model (neither tpl/export nor ssl/export); train "
-                    f"it first with --stage=all (or --stage=ssl)")
-
-
-# ------------------------------------------------------------------------------------------------
 # Outputs
 
 
-def _fmt(v, digits):
-  return "" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
-
-
-def image_result(path, name, pred_orig_yx, orig_hw, spacing_yx, model, grid_hw):
-  """The per-image JSON record (landmarks as 1-based x, y in original pixels and mm)."""
-  lms = []
-  for k, (y, x) in enumerate(np.asarray(pred_orig_yx, np.float64)):
-    item = {"landmark": k + 1, "x": round(float(x), 3), "y": round(float(y), 3)}
-    if spacing_yx is not None:
-      item["x_mm"] = round(float(x) * spacing_yx[1], 4)
-      item["y_mm"] = round(float(y) * spacing_yx[0], 4)
-    lms.append(item)
-  return {
-      "image": str(path), "name": name, "model": model,
-      "width": int(orig_hw[1]), "height": int(orig_hw[0]),
-      "spacing_mm": None if spacing_yx is None else {"x": spacing_yx[1], "y": spacing_yx[0]},
-      "model_grid_hw": [int(v) for v in grid_hw],
-      "coordinates": "x = column, y = row in pixels of the original image; 0,0 = centre of the "
-                     "top-left pixel; x_mm, y_mm = the same times the pixel spacing",
-      "landmarks": lms,
-  }
-
-
-def _csv_text(records):
+def _csv_text(predictions, names):
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(CSV_COLUMNS)
-  for r in records:
-    for lm in r["landmarks"]:
-      w.writerow([r["image"], r["name"], lm["landmark"], _fmt(lm["x"], 3), _fmt(lm["y"], 3),
-                  _fmt(lm.get("x_mm"), 4), _fmt(lm.get("y_mm"), 4)])
+  for pred, name in zip(predictions, names):
+    w.writerows(pred.csv_rows(name))
   return buf.getvalue()
 
 
-def _write_outputs(out_dir, group, preds_grid, model, grid_hw):
+def _write_outputs(out_dir, predictor, group, predictions):
   """JSON and overlay per image of `group`; returns their JSON records."""
   records = []
-  for item, pred in zip(group, preds_grid):
-    orig = lm_lib.grid_to_orig(pred, item["orig_hw"], grid_hw)  # [L, 2] float [y, x]
-    rec = image_result(item["path"], item["name"], orig, item["orig_hw"], item["spacing"], model,
-                       grid_hw)
+  for item, pred in zip(group, predictions):
+    rec = pred.to_json(item["name"], predictor.grid_hw)
     if jax.process_index() == 0:
       utils.atomic_write_text(out_dir / f"{item['name']}.json", json.dumps(rec, indent=1) + "\n")
-      title = f"{os.path.basename(item['path'])}  ({model.upper()})"
-      plots.overlay(item["image"], orig, None, out_dir / f"{item['name']}_overlay.png",
-                    title=title)
+      title = f"{os.path.basename(item['path'])}  ({predictor.model.upper()})"
+      plots.overlay(item["image"], pred.xy[:, ::-1], None, out_dir / f"{item['name']}_overlay.png",
+                    title=title, low=pred.low_confidence)
     records.append(rec)
   return records
 
@@ -267,35 +169,31 @@ def run(config, workdir):
     ConfigError when the workdir has no trained model or no inputs are given; DataError when the
     inputs match no file.
   """
-  workdir = pathlib.Path(workdir)
-  if not workdir.is_dir():
-    raise ConfigError(f"workdir {workdir} does not exist (train a model there first)")
-  config = load_run_config(workdir, config)
   p = config.predict
+  if not pathlib.Path(workdir).is_dir():
+    raise ConfigError(f"workdir {workdir} does not exist (train a model there first)")
   out_dir = pathlib.Path(p.output_dir or workdir_lib.predict_dir(workdir))
-  paths = resolve_inputs(p.inputs, exclude_dir=out_dir)
+  paths = resolve_inputs(p.inputs, exclude_dir=out_dir)  # before the model: bad input fails fast
   names = output_names(paths)
-  # The predictors take their batch size from the stage settings; predict.batch_size rules here.
-  config.ssl.infer_batch_size = config.tpl.infer_batch_size = int(p.batch_size)
-  predictor, model = build_predictor(config, workdir)
-  grid_hw = tuple(int(v) for v in config.data.size_hw)
+  predictor = api.Predictor.from_workdir(workdir, config, batch_size=int(p.batch_size))
+  model = predictor.model
   out_dir.mkdir(parents=True, exist_ok=True)
   logging.info("predicting %d input(s) with the %s model of %s -> %s", len(paths), model.upper(),
                workdir, out_dir)
 
-  records, failed, group = [], [], []
+  records, predictions, failed, group = [], [], [], []
   group_size = max(1, int(p.batch_size)) * _GROUP_BATCHES
 
   def flush():
     if group:
-      preds = predictor(np.stack([g["grid"] for g in group]), desc=f"{model} predict")
-      records.extend(_write_outputs(out_dir, group, preds, model, grid_hw))
+      preds = predictor.predict_loaded([(g["image"], g["spacing"], g["path"]) for g in group])
+      records.extend(_write_outputs(out_dir, predictor, group, preds))
+      predictions.extend(preds)
       group.clear()
 
   for path, name in utils.progress(list(zip(paths, names)), desc="predict: images read"):
     try:
-      img, spacing = images_lib.read_image(path)
-      grid = images_lib.resize_grey(img, grid_hw)
+      img, spacing, _ = predictor.load(path)
     except DataError as e:
       failed.append((path, e.message))
       logging.warning("skipping %s: %s", path, e.message)
@@ -306,15 +204,14 @@ def run(config, workdir):
       failed.append((path, reason))
       logging.warning("skipping %s: %s", path, reason)
       continue
-    group.append({"path": path, "name": name, "image": img, "grid": grid,
-                  "orig_hw": tuple(img.shape[:2]),
-                  "spacing": None if spacing is None else tuple(float(s) for s in spacing)})
+    group.append({"path": path, "name": name, "image": img, "spacing": spacing})
     if len(group) == group_size:
       flush()
   flush()
 
   if jax.process_index() == 0:
-    utils.atomic_write_text(out_dir / CSV_NAME, _csv_text(records))
+    utils.atomic_write_text(out_dir / CSV_NAME, _csv_text(predictions,
+                                                          [r["name"] for r in records]))
     failed_path = out_dir / FAILED_NAME
     if failed:
       utils.atomic_write_text(failed_path, "".join(f"{p}\t{r}\n" for p, r in failed))

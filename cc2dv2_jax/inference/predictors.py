@@ -2,6 +2,9 @@
 
 Both predictors pad the last batch to a fixed size (one compilation) and a multiple of the device
 count, and shard images over all devices, so inference scales with the devices like training.
+Calling one gives the landmarks; `with_confidence` gives them with a confidence per landmark in
+[0, 1] (SSL: the product similarity at the chosen pixel; TPL voting: the chosen pixel's share of
+the votes; TPL heatmap: the heatmap's sigmoid peak), computed by the same compiled program.
 """
 import functools
 import math
@@ -20,7 +23,8 @@ from cc2dv2_jax.utils import progress
 
 
 def _batched(fn, images, batch_size, mesh, desc):
-  """Applies `fn` (jitted, [B,H,W] uint8 -> [B,...]) over `images` [N,H,W] in padded batches."""
+  """Applies `fn` (jitted, [B,H,W] uint8 -> pytree of [B,...]) over `images` [N,H,W] in padded
+  batches; returns the same pytree of [N,...] numpy arrays."""
   n = len(images)
   ndev = mesh.devices.size
   b = max(ndev, math.ceil(batch_size / ndev) * ndev)
@@ -31,8 +35,10 @@ def _batched(fn, images, batch_size, mesh, desc):
     if valid < b:
       chunk = np.concatenate([chunk, np.zeros((b - valid, *chunk.shape[1:]), chunk.dtype)])
     out = fn(sharding.put_batch(chunk, mesh) if jax.process_count() == 1 else chunk)
-    outs.append(np.asarray(jax.device_get(out))[:valid])
-  return np.concatenate(outs) if outs else np.zeros((0,), np.int32)
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[:valid], jax.device_get(out)))
+  if not outs:  # every fn here returns (landmarks, confidence)
+    return np.zeros((0,), np.int32), np.zeros((0,), np.float32)
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
 # Module-level jitted functions with the network and settings as static arguments (flax modules
@@ -49,7 +55,7 @@ def _ssl_features(variables, images_uint8, *, net, imagenet_norm):
 @functools.partial(jax.jit, static_argnames=("net", "imagenet_norm", "size_hw", "mode"))
 def _ssl_predict(variables, template_feats, images_uint8, *, net, imagenet_norm, size_hw, mode):
   feats = _ssl_features(variables, images_uint8, net=net, imagenet_norm=imagenet_norm)
-  return matching.match(feats, template_feats, size_hw, mode=mode)
+  return matching.match(feats, template_feats, size_hw, mode=mode, with_confidence=True)
 
 
 TPL_MODES = ("voting", "heatmap")
@@ -65,11 +71,13 @@ def _tpl_predict(variables, images_uint8, *, net, imagenet_norm, num_landmarks, 
   heat = heat.astype(jnp.float32)
   if mode == "heatmap":  # the heatmap's own maximum, offsets unused
     w = heat.shape[2]
-    idx = jnp.argmax(jnp.moveaxis(heat, -1, 1).reshape(heat.shape[0], num_landmarks, -1), -1)
-    return jnp.stack([idx // w, idx % w], -1).astype(jnp.int32)
-  pred, _ = voting.vote(jax.nn.sigmoid(heat), off_y.astype(jnp.float32),
-                        off_x.astype(jnp.float32), radius)
-  return pred
+    flat = jnp.moveaxis(heat, -1, 1).reshape(heat.shape[0], num_landmarks, -1)
+    idx = jnp.argmax(flat, -1)
+    conf = jax.nn.sigmoid(jnp.max(flat, -1))
+    return jnp.stack([idx // w, idx % w], -1).astype(jnp.int32), conf
+  pred, votes = voting.vote(jax.nn.sigmoid(heat), off_y.astype(jnp.float32),
+                            off_x.astype(jnp.float32), radius)
+  return pred, voting.vote_share(votes, radius)
 
 
 class SSLPredictor:
@@ -127,6 +135,10 @@ class SSLPredictor:
 
   def __call__(self, images, desc="ssl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x] on the same grid."""
+    return self.with_confidence(images, desc)[0]
+
+  def with_confidence(self, images, desc="ssl inference"):
+    """images: uint8 [N, H, W] -> (int32 [N, L, 2] [y, x], float32 [N, L] confidence in [0, 1])."""
     return _batched(lambda x: self._predict(self.variables, self.template_feats, x), images,
                     self.batch_size, self.mesh, desc)
 
@@ -158,5 +170,9 @@ class TPLPredictor:
 
   def __call__(self, images, desc="tpl inference"):
     """images: uint8 [N, H, W] -> int32 [N, L, 2] predicted [y, x]."""
+    return self.with_confidence(images, desc)[0]
+
+  def with_confidence(self, images, desc="tpl inference"):
+    """images: uint8 [N, H, W] -> (int32 [N, L, 2] [y, x], float32 [N, L] confidence in [0, 1])."""
     return _batched(lambda x: self._predict(self.variables, x), images, self.batch_size,
                     self.mesh, desc)

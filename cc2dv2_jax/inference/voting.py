@@ -2,6 +2,8 @@
 
 Each landmark channel lets its top floor(3.14 R^2) heatmap pixels vote for the pixel their offset
 points to; the prediction is the pixel with most votes. Maps are [B, H, W, L]; coordinates [y, x].
+The confidence of a prediction (`vote_share`) is the share of those votes that the chosen pixel got:
+1 when every candidate agrees on one pixel, near 0 when they scatter.
 """
 import functools
 
@@ -52,3 +54,16 @@ def vote(heat, off_y, off_x, radius):
   to_bl = lambda a: jnp.moveaxis(a, -1, 1)  # [B, L, H, W]
   per_channel = functools.partial(_vote_one, radius=radius)
   return jax.vmap(jax.vmap(per_channel))(to_bl(heat), to_bl(off_y), to_bl(off_x))
+
+
+def vote_share(votes, radius):
+  """Confidence of voting predictions: votes at the winning pixel / number of voters.
+
+  Args:
+    votes: int [B, L, H, W] vote counts (from `vote`); radius: the R used to vote.
+  Returns:
+    float32 [B, L] in [0, 1].
+  """
+  h, w = votes.shape[-2:]
+  k = min(num_candidates(radius), h * w)
+  return (jnp.max(votes, axis=(-2, -1)) / k).astype(jnp.float32)

@@ -90,7 +90,7 @@ def _row_name(row, row_ids):
 
 def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log_every,
                ckpt_every, keep, max_seconds=0.0, seed=0, row_ids=None, constants=None,
-               prefetch_size=2):
+               prefetch_size=2, lr_schedule=None):
   """Runs `step_fn` until `total_steps` (or the time budget) and returns the final state.
 
   Args:
@@ -108,6 +108,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
     max_seconds: wall-clock budget of the training steps. Its clock starts when this process's
       first step is done: that step compiles (tens of seconds at full size), and configs that
       size the schedule to the budget (configs/ceph_fast.py) count compiling outside it.
+    lr_schedule: optional step -> learning rate, logged with the losses (training/logs.py).
   Returns:
     (state, info) with info = dict(steps, elapsed_s, stopped_by, compile_s) where stopped_by is
     "steps" or "time", elapsed_s the budgeted time and compile_s the wall time from the loop's
@@ -136,8 +137,8 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
     recent.extend(data.get("recent_loss", []))
     logging.info("[%s] resumed from step %d", name, ckpt.latest_step())
   start = int(jax.device_get(state.step))
-  writer = logs.MetricsWriter(workdir_lib.metrics_path(workdir, name), total_steps, name,
-                              resume_step=start)
+  writer = logs.MetricsWriter(workdir, name, total_steps, resume_step=start,
+                              lr_schedule=lr_schedule, elapsed0=elapsed0)
   def keyed_step(state, batch, rng):
     # The per-step key is derived inside the compiled step (as big_vision does): the host
     # passes the same base key every step and does no work of its own for it.
@@ -220,10 +221,13 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
         raise Preempted(f"[{name}] SIGTERM at step {step} (data workers stopped): checkpoint "
                         f"saved, rerun to resume") from None
       ids = np.asarray(batch.pop("index"))
+      if step == start:  # the first call compiles: tens of seconds of silence otherwise
+        logging.info("[%s] compiling the training step ...", name)
       state, metrics = jstep(state, {**batch, **constants}, rng)
       if t0 is None:
         jax.block_until_ready(metrics)
         t0 = time.time()
+      writer.count(ids.size * jax.process_count())
       step += 1
       pending.append((step, ids, metrics))
       if step % log_every == 0 or step == total_steps:
@@ -238,6 +242,7 @@ def train_loop(*, name, state, step_fn, batches, mesh, workdir, total_steps, log
       log(step)
     save(step)
     ckpt.close()
+    writer.close()
   return state, {"steps": step, "elapsed_s": elapsed(), "stopped_by": stopped_by,
-                  "compile_s": compile_s()}
+                 "compile_s": compile_s()}
 

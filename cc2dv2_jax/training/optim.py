@@ -24,9 +24,15 @@ def make_optimizer(s, num_train):
   Adam with L2 (`adam_l2`), the learning rate `s.lr` times `s.decay_factor` every
   `s.decay_every_epochs` epochs of `num_train * s.repeats` items (see `schedule_steps`).
   """
+  schedule, total = lr_schedule(s, num_train)
+  return adam_l2(schedule, s.weight_decay), total
+
+
+def lr_schedule(s, num_train):
+  """(step -> learning rate, total steps) of a stage's schedule (see `make_optimizer`)."""
   total, decay = schedule_steps(num_train, s.batch_size, repeats=s.repeats, epochs=s.epochs,
                                 decay_every_epochs=s.decay_every_epochs, num_steps=s.num_steps)
-  return adam_l2(step_schedule(s.lr, decay, s.decay_factor), s.weight_decay), total
+  return step_schedule(s.lr, decay, s.decay_factor), total
 
 
 def schedule_steps(num_train, batch_size, *, repeats, epochs, decay_every_epochs, num_steps=-1):

@@ -183,7 +183,8 @@ def run(config, workdir):
         mesh=mesh, constants=device_pool(config, cache, rows, mesh), workdir=workdir,
         total_steps=total, log_every=s.log_every,
         ckpt_every=s.ckpt_every, keep=s.keep_checkpoints, max_seconds=s.max_seconds,
-        seed=config.seed, row_ids=cache.ids)
+        seed=config.seed, row_ids=cache.ids,
+        lr_schedule=optim.lr_schedule(s, len(rows))[0])
     variables = {"params": state.params["net"], "batch_stats": state.batch_stats["net"]}
     checkpoint.export(export_dir, variables, {"stage": STAGE, **info})
     distributed.sync("ssl_export")  # process 0 writes export.json last; the others read it next

@@ -158,7 +158,8 @@ def run(config, workdir):
         name=STAGE, state=state, step_fn=make_train_step(config, tx, size_hw), batches=batches,
         mesh=mesh, workdir=workdir, total_steps=total, log_every=t.log_every,
         ckpt_every=t.ckpt_every, keep=t.keep_checkpoints, max_seconds=t.max_seconds,
-        seed=config.seed + 1, row_ids=cache.ids)
+        seed=config.seed + 1, row_ids=cache.ids,
+        lr_schedule=optim.lr_schedule(t, len(rows))[0])
     checkpoint.export(export_dir, {"params": state.params}, {"stage": STAGE, **info})
     distributed.sync("tpl_export")  # process 0 writes export.json last; the others read it next
   return evaluate.run_stage_eval(config, workdir, STAGE)
