@@ -20,7 +20,7 @@ from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 
 DEFAULT_CONFIG = "configs/demo.py"
-STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check", "predict")
+STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check", "predict", "suggest")
 
 
 # ------------------------------------------------------------------------------------------------

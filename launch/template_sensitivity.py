@@ -1,17 +1,23 @@
 r"""How much one-shot (SSL template-matching) accuracy depends on which image is the template.
 
-  python -m launch.template_sensitivity --workdir=RUN [--num_templates=5 | --template_ids=001,042]
-      [--seed=0] [--out=DIR] [--config=configs/ceph.py ...]
+  python -m launch.template_sensitivity --workdir=RUN [--num_templates=5 | --num_templates=0 |
+      --template_ids=001,042] [--seed=0] [--out=DIR] [--config=configs/ceph.py ...]
 
 Restores the SSL encoder exported in RUN (a finished `--stage=ssl` or `all` workdir), then
 predicts the evaluation split once per template: the run's own template (data.template_id) plus
-num_templates - 1 other training images drawn with `seed` (or exactly --template_ids). Each is
-evaluated like the run itself (evaluation/metrics.evaluate_cache, both protocols) and the spread
-over templates is reported: mean, sample std (ddof 1), min, max and max - min of the pooled MRE.
-The one-shot MRE is known to move by about 0.5 mm with the template, which is as large as most
-ablation effects, so compare variants with the same template and read their differences against
-this spread. Writes template_sensitivity.json and .md into RUN/ssl/template_sensitivity/ (or
---out). The config defaults to RUN/config.json (the run's exact config).
+num_templates - 1 other training images drawn with `seed`, every labelled training image with
+--num_templates=0 (the oracle of README "Which image to label"), or exactly --template_ids. Each
+is evaluated like the run itself (evaluation/metrics.evaluate_cache, both protocols) and the
+spread over templates is reported: mean, sample std (ddof 1), min, quartiles, max, max - min of
+the pooled MRE, and the rank of the run's own template. The one-shot MRE is known to move by
+about 0.5 mm with the template, which is as large as most ablation effects, so compare variants
+with the same template and read their differences against this spread.
+
+The evaluation images are encoded once (inference/suggest.encode); each template then costs its
+own features (with the run's template pose ensemble, exactly as the evaluation computes them) and
+the matching. Writes template_sensitivity.json, .md and a histogram of the full-resolution MRE
+(template_sensitivity_hist.png) into RUN/ssl/template_sensitivity/ (or --out). The config
+defaults to RUN/config.json (the run's exact config).
 """
 import json
 import pathlib
@@ -28,6 +34,8 @@ from cc2dv2_jax import workdir as workdir_lib
 
 JSON_NAME = "template_sensitivity.json"
 MD_NAME = "template_sensitivity.md"
+HIST_NAME = "template_sensitivity_hist.png"
+HIST_BINS = 12
 PROTOCOLS = ("grid", "fullres")
 
 
@@ -55,17 +63,30 @@ def load_run_config(workdir):
 
 
 def choose_templates(train_ids, configured, num_templates, seed=0):
-  """[configured] + num_templates - 1 other training ids drawn without replacement (sorted)."""
+  """[configured] + num_templates - 1 other training ids drawn without replacement (sorted);
+  num_templates <= 0: [configured] + all the others."""
   others = [i for i in train_ids if i != configured]
+  if num_templates <= 0:
+    return [configured] + sorted(others)
   k = min(max(num_templates - 1, 0), len(others))
   picked = np.random.default_rng(seed).choice(len(others), size=k, replace=False)
   return [configured] + sorted(others[i] for i in picked)
 
 
 def spread(values):
+  """{mean, std (ddof 1), min, q1, median, q3, max} of a list of MREs."""
   v = np.asarray(values, np.float64)
+  q1, med, q3 = np.percentile(v, [25, 50, 75])
   return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
-          "min": float(v.min()), "max": float(v.max())}
+          "min": float(v.min()), "q1": float(q1), "median": float(med), "q3": float(q3),
+          "max": float(v.max())}
+
+
+def rank_of(values, index):
+  """1-based rank of values[index] among `values`, ascending (1 = lowest error); ties share the
+  best rank."""
+  v = np.asarray(values, np.float64)
+  return int(np.sum(v < v[index])) + 1
 
 
 def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out_dir=None):
@@ -73,11 +94,13 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
 
   Returns {"workdir", "configured_template", "templates": [{"id", "configured", "grid": {mre, std,
   sdr}, "fullres": {...}, "splits": {protocol: {split: mre}}}], "num_templates", "num_images",
-  "split", "unit", "spread": {protocol: {mean, std, min, max}}, "seconds"}.
+  "split", "unit", "spread": {protocol: {mean, std, min, q1, median, q3, max}},
+  "configured_rank": {protocol: rank}, "seconds"}.
   """
   from cc2dv2_jax.data import dataset
   from cc2dv2_jax.evaluation import metrics
   from cc2dv2_jax.inference import restore
+  from cc2dv2_jax.inference import suggest
 
   t0 = time.time()
   workdir = pathlib.Path(workdir)
@@ -101,13 +124,20 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
 
   first = cache.row_of(ids[0])
   predictor = restore.ssl_predictor(config, workdir, cache.images[first], gt_grid[first])
+  # The evaluation images' feature maps do not depend on the template: computed once.
+  feats = suggest.encode(predictor.net, predictor.variables, images,
+                         imagenet_norm=config.model.imagenet_norm,
+                         batch_size=config.ssl.infer_batch_size,
+                         desc=f"features of {len(images)} {config.eval.split} images")
   per_template = []
-  for tid in ids:
+  for k, tid in enumerate(ids):
     t = cache.row_of(tid)
-    # Only the template features change between templates (one compiled predictor for all),
-    # computed as the predictor computed the run's own, so that one reproduces the run's evaluation.
+    # Only the template features change between templates, computed as the predictor computed
+    # the run's own (pose ensemble included), so that one reproduces the run's evaluation.
     predictor.set_template(cache.images[t], gt_grid[t])
-    preds = predictor(images, desc=f"template {tid}")
+    preds = suggest.match_encoded(feats, predictor.template_feats, predictor.size_hw,
+                                  mode=predictor.mode, batch_size=config.ssl.infer_batch_size,
+                                  desc=f"template {tid} ({k + 1}/{len(ids)})")
     res = metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
     entry = {"id": tid, "configured": tid == configured, "unit": res["unit"]}
     for proto in PROTOCOLS:
@@ -116,13 +146,15 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
                       "sdr": {f"{float(r):g}": v for r, v in s["sdr"].items()}}
     entry["splits"] = {p: {k: v["mre"] for k, v in res["summary"][p].items()} for p in PROTOCOLS}
     per_template.append(entry)
-    logging.info("template %s: MRE grid %.3f, fullres %.3f %s", tid, entry["grid"]["mre"],
-                 entry["fullres"]["mre"], res["unit"])
+    logging.info("template %s (%d/%d): MRE grid %.3f, fullres %.3f %s", tid, k + 1, len(ids),
+                 entry["grid"]["mre"], entry["fullres"]["mre"], res["unit"])
   report = {
       "workdir": str(workdir), "configured_template": configured, "templates": per_template,
       "num_templates": len(ids), "num_images": int(len(rows)), "split": config.eval.split,
       "unit": per_template[0]["unit"], "seed": seed,
       "spread": {p: spread([e[p]["mre"] for e in per_template]) for p in PROTOCOLS},
+      # ids[0] is the configured template.
+      "configured_rank": {p: rank_of([e[p]["mre"] for e in per_template], 0) for p in PROTOCOLS},
       "seconds": time.time() - t0,
   }
   write(report, out_dir or workdir_lib.template_sensitivity_dir(workdir))
@@ -142,13 +174,29 @@ def markdown(report):
     mark = " *" if e["configured"] else ""
     lines.append(f"| {e['id']}{mark} | {e['grid']['mre']:.3f} | {e['fullres']['mre']:.3f} | " +
                  " | ".join(f"{e['grid']['sdr'][r]:.2f}" for r in radii) + " |")
-  lines += ["", f"| protocol | mean MRE ({u}) | std over templates (ddof 1) | min | max | "
-            "max − min |", "|---|---:|---:|---:|---:|---:|"]
+  n = report["num_templates"]
+  lines += ["", f"| protocol | mean MRE ({u}) | std over templates (ddof 1) | min | q1 | median | "
+            f"q3 | max | max − min | rank of {report['configured_template']} (of {n}) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for p, s in report["spread"].items():
     std = "n/a" if not np.isfinite(s["std"]) else f"{s['std']:.3f}"
-    lines.append(f"| {p} | {s['mean']:.3f} | {std} | {s['min']:.3f} | {s['max']:.3f} | "
-                 f"{s['max'] - s['min']:.3f} |")
+    lines.append(f"| {p} | {s['mean']:.3f} | {std} | {s['min']:.3f} | {s['q1']:.3f} | "
+                 f"{s['median']:.3f} | {s['q3']:.3f} | {s['max']:.3f} | "
+                 f"{s['max'] - s['min']:.3f} | {report['configured_rank'][p]} |")
   return "\n".join(lines) + "\n"
+
+
+def histogram(report, path, protocol="fullres", bins=HIST_BINS):
+  """Bar chart of how many templates fall in each MRE bin; returns the path."""
+  from cc2dv2_jax.evaluation import plots
+  v = np.asarray([e[protocol]["mre"] for e in report["templates"]], np.float64)
+  counts, edges = np.histogram(v, bins=bins)
+  configured = next(e[protocol]["mre"] for e in report["templates"] if e["configured"])
+  return plots.bar_plot(
+      counts, [f"{(a + b) / 2:.2f}" for a, b in zip(edges[:-1], edges[1:])],
+      f"SSL-only MRE over {v.size} templates ({protocol}); template "
+      f"{report['configured_template']}: {configured:.2f}, median {np.median(v):.2f}",
+      "templates", path, xlabel=f"MRE ({report['unit']}), bin centre")
 
 
 def write(report, out_dir):
@@ -156,6 +204,8 @@ def write(report, out_dir):
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   utils.atomic_write_text(out_dir / MD_NAME, markdown(report))
+  if report["num_templates"] > 1:
+    histogram(report, out_dir / HIST_NAME)
   utils.atomic_write_text(out_dir / JSON_NAME,
                           json.dumps(report_lib.to_jsonable(report), indent=1))
   return out_dir
@@ -168,7 +218,8 @@ def _define_flags():
   from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, "A finished SSL run's workdir.", required=True)
   config_flags.DEFINE_config_file("config", None, "Config (default: <workdir>/config.json).")
-  flags.DEFINE_integer("num_templates", 5, "Templates: the configured one plus N-1 drawn ones.")
+  flags.DEFINE_integer("num_templates", 5, "Templates: the configured one plus N-1 drawn ones "
+                       "(0: every labelled training image).")
   flags.DEFINE_list("template_ids", [], "Exact training image ids to use instead.")
   flags.DEFINE_integer("seed", 0, "Seed of the template draw.")
   flags.DEFINE_string("out", "", "Output folder (default <workdir>/ssl/template_sensitivity).")
