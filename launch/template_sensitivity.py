@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cc2dv2_jax import exit_codes
 from cc2dv2_jax import utils
 from cc2dv2_jax import workdir as workdir_lib
 
@@ -36,6 +37,7 @@ JSON_NAME = "template_sensitivity.json"
 MD_NAME = "template_sensitivity.md"
 HIST_NAME = "template_sensitivity_hist.png"
 HIST_BINS = 12
+PARTIAL_NAME = "templates.jsonl"
 PROTOCOLS = ("grid", "fullres")
 
 
@@ -89,8 +91,39 @@ def rank_of(values, index):
   return int(np.sum(v < v[index])) + 1
 
 
-def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out_dir=None):
+def _settings(config, workdir):
+  """What the templates' results depend on besides the template: a resumed run must match."""
+  from cc2dv2_jax import checkpoint
+  return json.dumps({"export": checkpoint.export_info(workdir_lib.export_dir(workdir, "ssl")),
+                     "ssl": config.ssl.to_dict(), "model": config.model.to_dict(),
+                     "data": config.data.to_dict(), "eval": config.eval.to_dict()},
+                    sort_keys=True, default=list)
+
+
+def _load_partial(path, settings):
+  """{id: entry} finished by an earlier, interrupted run with the same settings."""
+  if not path.exists():
+    return {}
+  lines = path.read_text().splitlines()
+  if not lines or lines[0] != settings:
+    return {}
+  done = {}
+  for line in lines[1:]:
+    try:
+      entry = json.loads(line)
+    except ValueError:  # the last line of a killed run may be cut
+      continue
+    done[entry["id"]] = entry
+  return done
+
+
+def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out_dir=None,
+        max_seconds=None):
   """Evaluates SSL inference with several templates; returns (and writes) the report dict.
+
+  Each template's result is appended to <out>/templates.jsonl as it is done, and a rerun with the
+  same settings skips those; with `max_seconds` the run stops after the first template that ends
+  past it and returns None, to be continued by the next call (the report is written once all are done).
 
   Returns {"workdir", "configured_template", "templates": [{"id", "configured", "grid": {mre, std,
   sdr}, "fullres": {...}, "splits": {protocol: {split: mre}}}], "num_templates", "num_images",
@@ -121,23 +154,33 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
   rows = cache.indices(config.eval.split)
   gt_grid = cache.gt_grid_yx(config.data.gt)
   images = cache.images[rows]
-
-  first = cache.row_of(ids[0])
-  predictor = restore.ssl_predictor(config, workdir, cache.images[first], gt_grid[first])
-  # The evaluation images' feature maps do not depend on the template: computed once.
-  feats = suggest.encode(predictor.net, predictor.variables, images,
-                         imagenet_norm=config.model.imagenet_norm,
-                         batch_size=config.ssl.infer_batch_size,
-                         desc=f"features of {len(images)} {config.eval.split} images")
-  per_template = []
-  for k, tid in enumerate(ids):
+  out_dir = pathlib.Path(out_dir or workdir_lib.template_sensitivity_dir(workdir))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  partial = out_dir / PARTIAL_NAME
+  settings = _settings(config, workdir)
+  done = _load_partial(partial, settings)
+  if not done:
+    utils.atomic_write_text(partial, settings + "\n")
+  todo = [i for i in ids if i not in done]
+  if len(todo) < len(ids):
+    logging.info("resuming: %d of %d templates done in %s", len(ids) - len(todo), len(ids),
+                 partial)
+  if todo:
+    first = cache.row_of(todo[0])
+    predictor = restore.ssl_predictor(config, workdir, cache.images[first], gt_grid[first])
+    # The evaluation images' feature maps do not depend on the template: computed once.
+    feats = suggest.encode(predictor.net, predictor.variables, images,
+                           imagenet_norm=config.model.imagenet_norm,
+                           batch_size=config.ssl.infer_batch_size,
+                           desc=f"features of {len(images)} {config.eval.split} images")
+  for k, tid in enumerate(todo):
     t = cache.row_of(tid)
     # Only the template features change between templates, computed as the predictor computed
     # the run's own (pose ensemble included), so that one reproduces the run's evaluation.
     predictor.set_template(cache.images[t], gt_grid[t])
     preds = suggest.match_encoded(feats, predictor.template_feats, predictor.size_hw,
                                   mode=predictor.mode, batch_size=config.ssl.infer_batch_size,
-                                  desc=f"template {tid} ({k + 1}/{len(ids)})")
+                                  desc=f"template {tid} ({k + 1}/{len(todo)} left)")
     res = metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
     entry = {"id": tid, "configured": tid == configured, "unit": res["unit"]}
     for proto in PROTOCOLS:
@@ -145,19 +188,29 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
       entry[proto] = {"mre": s["mre"], "std": s["std"],
                       "sdr": {f"{float(r):g}": v for r, v in s["sdr"].items()}}
     entry["splits"] = {p: {k: v["mre"] for k, v in res["summary"][p].items()} for p in PROTOCOLS}
-    per_template.append(entry)
-    logging.info("template %s (%d/%d): MRE grid %.3f, fullres %.3f %s", tid, k + 1, len(ids),
+    done[tid] = entry
+    with open(partial, "a") as f:
+      f.write(json.dumps(entry) + "\n")
+    logging.info("template %s (%d/%d): MRE grid %.3f, fullres %.3f %s", tid, k + 1, len(todo),
                  entry["grid"]["mre"], entry["fullres"]["mre"], res["unit"])
+    left = len(set(ids) - set(done))
+    if left and max_seconds is not None and time.time() - t0 > max_seconds:
+      logging.info("stopped after %.0f s (max_seconds): %d templates left; rerun to go on",
+                   time.time() - t0, left)
+      return None
+  per_template = [done[i] for i in ids]
+  index = ids.index(configured) if configured in ids else None
   report = {
       "workdir": str(workdir), "configured_template": configured, "templates": per_template,
       "num_templates": len(ids), "num_images": int(len(rows)), "split": config.eval.split,
       "unit": per_template[0]["unit"], "seed": seed,
       "spread": {p: spread([e[p]["mre"] for e in per_template]) for p in PROTOCOLS},
-      # ids[0] is the configured template.
-      "configured_rank": {p: rank_of([e[p]["mre"] for e in per_template], 0) for p in PROTOCOLS},
+      "configured_rank": {p: None if index is None else
+                          rank_of([e[p]["mre"] for e in per_template], index) for p in PROTOCOLS},
       "seconds": time.time() - t0,
   }
-  write(report, out_dir or workdir_lib.template_sensitivity_dir(workdir))
+  write(report, out_dir)
+  partial.unlink()
   return report
 
 
@@ -182,7 +235,7 @@ def markdown(report):
     std = "n/a" if not np.isfinite(s["std"]) else f"{s['std']:.3f}"
     lines.append(f"| {p} | {s['mean']:.3f} | {std} | {s['min']:.3f} | {s['q1']:.3f} | "
                  f"{s['median']:.3f} | {s['q3']:.3f} | {s['max']:.3f} | "
-                 f"{s['max'] - s['min']:.3f} | {report['configured_rank'][p]} |")
+                 f"{s['max'] - s['min']:.3f} | {report['configured_rank'][p] or 'n/a'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -191,11 +244,11 @@ def histogram(report, path, protocol="fullres", bins=HIST_BINS):
   from cc2dv2_jax.evaluation import plots
   v = np.asarray([e[protocol]["mre"] for e in report["templates"]], np.float64)
   counts, edges = np.histogram(v, bins=bins)
-  configured = next(e[protocol]["mre"] for e in report["templates"] if e["configured"])
+  configured = [e[protocol]["mre"] for e in report["templates"] if e["configured"]]
+  mark = f"template {report['configured_template']}: {configured[0]:.2f}, " if configured else ""
   return plots.bar_plot(
       counts, [f"{(a + b) / 2:.2f}" for a, b in zip(edges[:-1], edges[1:])],
-      f"SSL-only MRE over {v.size} templates ({protocol}); template "
-      f"{report['configured_template']}: {configured:.2f}, median {np.median(v):.2f}",
+      f"SSL-only MRE over {v.size} templates ({protocol}); {mark}median {np.median(v):.2f}",
       "templates", path, xlabel=f"MRE ({report['unit']}), bin centre")
 
 
@@ -223,6 +276,8 @@ def _define_flags():
   flags.DEFINE_list("template_ids", [], "Exact training image ids to use instead.")
   flags.DEFINE_integer("seed", 0, "Seed of the template draw.")
   flags.DEFINE_string("out", "", "Output folder (default <workdir>/ssl/template_sensitivity).")
+  flags.DEFINE_float("max_seconds", None, "Stop after this many seconds (exit 75); the same "
+                     "command again continues with the templates not done yet.")
 
 
 def main(argv):
@@ -233,9 +288,12 @@ def main(argv):
     from cc2dv2_jax import compile_cache
     compile_cache.enable(compile_cache.directory(FLAGS.workdir))
   report = run(FLAGS.workdir, config=config, num_templates=FLAGS.num_templates,
-               template_ids=FLAGS.template_ids or None, seed=FLAGS.seed, out_dir=FLAGS.out or None)
+               template_ids=FLAGS.template_ids or None, seed=FLAGS.seed, out_dir=FLAGS.out or None,
+               max_seconds=FLAGS.max_seconds)
+  if report is None:
+    return exit_codes.PREEMPTED  # "rerun the same command" to go on
   print(markdown(report))
-  return 0
+  return exit_codes.OK
 
 
 if __name__ == "__main__":

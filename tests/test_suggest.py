@@ -120,3 +120,14 @@ def test_suggest_stage_on_images_only(tmp_path):
   summary = suggest.run(config, workdir)
   assert summary["ids_best_first"][0] == rows[0]["image_id"]
   assert (out / suggest.RANKING_CSV).stat().st_mtime_ns == mtime
+
+
+def test_partner_subset():
+  rows = suggest.partner_rows(10, 4, seed=3)
+  assert len(rows) == 4 and len(set(rows.tolist())) == 4 and list(rows) == sorted(rows)
+  assert list(suggest.partner_rows(3, 4)) == [0, 1, 2]
+  feats = _positional_feats(4, noisy=())
+  err = suggest.cycle_errors(feats, suggest.probe_points(SIZE, per_side=2), SIZE, partners=[0, 2])
+  assert err.shape == (4, 2, 4)
+  assert np.isnan(err[0, 0]).all() and np.isnan(err[2, 1]).all()
+  assert np.isfinite(err[1]).all() and np.isfinite(err[3]).all()

@@ -84,3 +84,17 @@ def test_rank_of_and_choose_templates():
   ids = ["a", "b", "c", "d"]
   assert ts.choose_templates(ids, "c", 0) == ["c", "a", "b", "d"]
   assert len(ts.choose_templates(ids, "c", 2)) == 2
+
+
+def test_stopped_run_resumes_where_it_stopped(run_dir, tmp_path):
+  path, config, cache = run_dir
+  ids = [cache.ids[r] for r in cache.indices("train")[:3]]
+  assert ts.run(path, config=config, template_ids=ids, out_dir=tmp_path, max_seconds=0) is None
+  lines = (tmp_path / ts.PARTIAL_NAME).read_text().splitlines()
+  assert len(lines) == 2  # the settings, then the one template done
+  first = json.loads(lines[1])
+  assert not (tmp_path / ts.JSON_NAME).exists()
+  report = ts.run(path, config=config, template_ids=ids, out_dir=tmp_path)
+  assert [e["id"] for e in report["templates"]] == ids
+  assert report["templates"][0] == first
+  assert not (tmp_path / ts.PARTIAL_NAME).exists()

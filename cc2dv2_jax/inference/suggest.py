@@ -6,7 +6,8 @@ every training image by how well points placed on it survive a round trip throug
   cycle error of candidate i = mean over partner images j != i and probe points p of
       | p - back_j(fwd_j(p)) |  (grid pixels)
 
-where fwd_j matches p's features in image i into image j and back_j matches the found point's
+where the partners are NUM_PARTNERS training images drawn once for all candidates (or all of
+them in a smaller set; the cost grows with candidates x partners), fwd_j matches p's features in image i into image j and back_j matches the found point's
 features in j back into i, both with the matching of the evaluation (`matching.match`, same mode).
 The probe points are a fixed grid (`probe_points`), the same positions on every candidate, since no
 landmark exists yet. A template whose features lead to the same place and back from every other
@@ -61,6 +62,7 @@ PROBES_PER_SIDE = 5
 # rulers and collimator edges there, which are not the anatomy a template is chosen for.
 PROBE_MARGIN = 0.15
 CONTACT_SHEET_SIZE = 10
+NUM_PARTNERS = 32
 # Centrality compares the two coarsest maps (strides 32, 16): the image's layout, not its texture.
 _CENTRALITY_LAYERS = 2
 
@@ -132,40 +134,52 @@ def probe_points(size_hw, per_side=PROBES_PER_SIDE, margin=PROBE_MARGIN):
 
 
 @functools.partial(jax.jit, static_argnames=("size_hw", "mode"))
-def _round_trip(feats, i, points, *, size_hw, mode):
-  """Points [K, 2] [y, x] of image i matched into every image (i too) and back into i.
+def _round_trip(candidate, partners, points, *, size_hw, mode):
+  """Points [K, 2] [y, x] of one image matched into each partner image and back.
 
-  feats: list of 5 [N, Hi, Wi, C]. Returns (there [N, K, 2], back [N, K, 2]) [y, x].
+  candidate: list of 5 [1, Hi, Wi, C]; partners: list of 5 [P, Hi, Wi, C].
+  Returns the returned points [P, K, 2] [y, x] in the candidate.
   """
-  n, k = feats[0].shape[0], points.shape[0]
-  template = matching.template_features([f[i][None] for f in feats], points, size_hw)
-  there = matching.match(feats, template, size_hw, mode=mode)
+  p, k = partners[0].shape[0], points.shape[0]
+  there = matching.match(partners, matching.template_features(candidate, points, size_hw),
+                         size_hw, mode=mode)  # [P, K, 2]
   # Each found point's own features in its image (the cell `template_features` would take),
-  # all N * K of them matched back into image i at once.
+  # all P * K of them matched back into the candidate at once.
   gathered = []
-  for f, s in zip(feats, matching.STRIDES):
+  for f, s in zip(partners, matching.STRIDES):
     iy = jnp.clip(there[..., 0] // s, 0, f.shape[1] - 1)
     ix = jnp.clip(there[..., 1] // s, 0, f.shape[2] - 1)
-    gathered.append(f[jnp.arange(n)[:, None], iy, ix].reshape(n * k, f.shape[-1]))
-  back = matching.match([f[i][None] for f in feats], gathered, size_hw, mode=mode)
-  return there, back.reshape(n, k, 2)
+    gathered.append(f[jnp.arange(p)[:, None], iy, ix].reshape(p * k, f.shape[-1]))
+  return matching.match(candidate, gathered, size_hw, mode=mode).reshape(p, k, 2)
 
 
-def cycle_errors(feats, points, size_hw, *, mode="product", desc="cycle consistency"):
-  """float64 [N, N, K]: error [c, j, p] (grid pixels) of probe point p of candidate c after the
-  round trip c -> j -> c; the diagonal (j = c) is NaN.
+def partner_rows(n, num_partners=NUM_PARTNERS, seed=0):
+  """Sorted rows of the images every candidate is matched against: all n, or num_partners of
+  them drawn with `seed` (the cost grows with candidates x partners)."""
+  if num_partners is None or num_partners >= n:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(seed).choice(n, size=num_partners, replace=False))
 
-  feats: list of 5 [N, Hi, Wi, C] (`encode`); points: int [K, 2] [y, x] on the size_hw grid.
+
+def cycle_errors(feats, points, size_hw, *, partners=None, mode="product",
+                 desc="cycle consistency"):
+  """float64 [N, P, K]: error [c, j, p] (grid pixels) of probe point p of candidate c after the
+  round trip c -> partners[j] -> c; NaN where the partner is the candidate itself.
+
+  feats: list of 5 [N, Hi, Wi, C] (`encode`); points: int [K, 2] [y, x] on the size_hw grid;
+  partners: rows of feats to match against (default all).
   """
   n = len(feats[0])
-  dev = [jnp.asarray(f) for f in feats]
+  partners = np.arange(n) if partners is None else np.asarray(partners)
+  dev = [jnp.asarray(f[partners]) for f in feats]
   pts = jnp.asarray(points, jnp.int32)
   size_hw = tuple(int(v) for v in size_hw)
-  out = np.full((n, n, len(points)), np.nan)
+  out = np.full((n, len(partners), len(points)), np.nan)
   for c in utils.progress(range(n), total=n, desc=desc, every_s=10.0):
-    _, back = _round_trip(dev, c, pts, size_hw=size_hw, mode=mode)
+    back = _round_trip([jnp.asarray(f[c:c + 1]) for f in feats], dev, pts, size_hw=size_hw,
+                       mode=mode)
     err = np.linalg.norm(np.asarray(back, np.float64) - np.asarray(points, np.float64), axis=-1)
-    err[c] = np.nan
+    err[partners == c] = np.nan
     out[c] = err
   return out
 
@@ -188,11 +202,11 @@ def centrality(feats, layers=_CENTRALITY_LAYERS):
   return (sim.sum(1) - np.diag(sim)) / max(n - 1, 1)
 
 
-def scores(feats, size_hw, *, mode="product", points=None):
+def scores(feats, size_hw, *, mode="product", points=None, partners=None):
   """{'cycle': float64 [N] mean cycle error in grid pixels (lower is better), 'centrality':
-  float64 [N] (higher is better)} of encoded images."""
+  float64 [N] (higher is better)} of encoded images (`cycle_errors` for the arguments)."""
   points = probe_points(size_hw) if points is None else points
-  err = cycle_errors(feats, points, size_hw, mode=mode)
+  err = cycle_errors(feats, points, size_hw, partners=partners, mode=mode)
   return {"cycle": np.nanmean(err.reshape(len(err), -1), axis=1), "centrality": centrality(feats)}
 
 
@@ -270,7 +284,8 @@ def run(config, workdir):
   feats = encode(net, variables, images, imagenet_norm=config.model.imagenet_norm,
                  batch_size=config.ssl.infer_batch_size, desc="suggest: features")
   points = probe_points(size_hw)
-  values = scores(feats, size_hw, mode=config.ssl.inference, points=points)
+  values = scores(feats, size_hw, mode=config.ssl.inference, points=points,
+                  partners=partner_rows(len(ids), seed=config.seed))
   best = order(values[PRIMARY], PRIMARY)
   out_dir.mkdir(parents=True, exist_ok=True)
   utils.atomic_write_text(out_dir / RANKING_CSV, ranking_csv(ids, values))
