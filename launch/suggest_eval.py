@@ -51,14 +51,28 @@ def spearman(a, b):
   return float(np.sum(ra * rb) / den) if den > 0 else float("nan")
 
 
-def evaluate_run(workdir, protocol="fullres", top_k=TOP_K):
+def load_oracle(workdir, allow_partial=False):
+  """template_sensitivity's report of `workdir`; with allow_partial, the templates finished so
+  far by a stopped run when there is no report yet ("partial": True)."""
+  out = workdir_lib.template_sensitivity_dir(workdir)
+  path = out / ts.JSON_NAME
+  if path.exists():
+    return {**json.loads(path.read_text()), "partial": False}
+  partial = out / ts.PARTIAL_NAME
+  if allow_partial and partial.exists():
+    entries = [json.loads(l) for l in partial.read_text().splitlines()[1:] if l.endswith("}")]
+    configured = [e["id"] for e in entries if e["configured"]]
+    if entries and configured:
+      return {"templates": entries, "unit": entries[0]["unit"],
+              "configured_template": configured[0], "partial": True}
+  raise FileNotFoundError(f"{path}: no oracle; run launch.template_sensitivity "
+                          f"--workdir={workdir} --num_templates=0")
+
+
+def evaluate_run(workdir, protocol="fullres", top_k=TOP_K, allow_partial=False):
   """The suggestion of one run against its oracle; a dict (see the module docstring)."""
   workdir = pathlib.Path(workdir)
-  path = workdir_lib.template_sensitivity_dir(workdir) / ts.JSON_NAME
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no oracle; run launch.template_sensitivity "
-                            f"--workdir={workdir} --num_templates=0")
-  oracle = json.loads(path.read_text())
+  oracle = load_oracle(workdir, allow_partial)
   true = {e["id"]: e[protocol]["mre"] for e in oracle["templates"]}
   ranking = suggest.load_ranking(workdir)
   ids = [i for i in true if i in ranking]
@@ -66,9 +80,11 @@ def evaluate_run(workdir, protocol="fullres", top_k=TOP_K):
   if missing:
     raise ValueError(f"{workdir}: the ranking lacks {len(missing)} oracle templates, e.g. "
                      f"{missing[:3]}: rerun --stage=suggest")
+  # With a partial oracle, the suggestion's order among the templates it measured.
   mre = np.array([true[i] for i in ids])
   out = {"workdir": str(workdir), "protocol": protocol, "unit": oracle["unit"],
-         "num_templates": len(ids), "configured_template": oracle["configured_template"],
+         "num_templates": len(ids), "partial_oracle": oracle["partial"],
+         "configured_template": oracle["configured_template"],
          "configured_mre": true[oracle["configured_template"]],
          "median_mre": float(np.median(mre)), "mean_mre": float(mre.mean()),
          "best_mre": float(mre.min()), "worst_mre": float(mre.max()), "scores": {}}
@@ -98,16 +114,17 @@ def markdown(results, top_k=TOP_K):
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     for score, s in r["scores"].items():
+      part = " (partial oracle)" if r["partial_oracle"] else ""
       lines.append(
-          f"| {r['workdir']} | {score} | {s['spearman']:+.3f} | {s['top1_mre']:.3f} | "
+          f"| {r['workdir']}{part} | {score} | {s['spearman']:+.3f} | {s['top1_mre']:.3f} | "
           f"{s['top1_true_rank']} of {r['num_templates']} | {s[f'top{top_k}_mean_mre']:.3f} | "
           f"{r['median_mre']:.3f} | {r['configured_mre']:.3f} | {r['best_mre']:.3f} | "
           f"{r['worst_mre']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
-def run(workdirs, protocol="fullres", out_dir="suggest_eval"):
-  results = [evaluate_run(w, protocol) for w in workdirs]
+def run(workdirs, protocol="fullres", out_dir="suggest_eval", allow_partial=False):
+  results = [evaluate_run(w, protocol, allow_partial=allow_partial) for w in workdirs]
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   utils.atomic_write_text(out_dir / JSON_NAME, json.dumps(results, indent=1))
@@ -122,12 +139,13 @@ def _define_flags():
   flags.DEFINE_list("workdirs", None, "Runs with an oracle and a suggestion.", required=True)
   flags.DEFINE_enum("protocol", "fullres", list(ts.PROTOCOLS), "Which MRE is the truth.")
   flags.DEFINE_string("out", "suggest_eval", "Output folder.")
+  flags.DEFINE_bool("allow_partial", False, "Use the templates a stopped oracle run finished.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  results = run(FLAGS.workdirs, FLAGS.protocol, FLAGS.out)
+  results = run(FLAGS.workdirs, FLAGS.protocol, FLAGS.out, FLAGS.allow_partial)
   print(markdown(results))
   return 0
 

@@ -161,7 +161,10 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
   done = _load_partial(partial, settings)
   if not done:
     utils.atomic_write_text(partial, settings + "\n")
-  todo = [i for i in ids if i not in done]
+  # The first (configured) template first, the others in a seeded random order: the templates
+  # done by a stopped run are a fair sample of all.
+  order = [ids[0]] + [ids[1 + j] for j in np.random.default_rng(seed).permutation(len(ids) - 1)]
+  todo = [i for i in order if i not in done]
   if len(todo) < len(ids):
     logging.info("resuming: %d of %d templates done in %s", len(ids) - len(todo), len(ids),
                  partial)

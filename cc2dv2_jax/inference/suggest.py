@@ -62,7 +62,7 @@ PROBES_PER_SIDE = 5
 # rulers and collimator edges there, which are not the anatomy a template is chosen for.
 PROBE_MARGIN = 0.15
 CONTACT_SHEET_SIZE = 10
-NUM_PARTNERS = 32
+NUM_PARTNERS = 16
 # Centrality compares the two coarsest maps (strides 32, 16): the image's layout, not its texture.
 _CENTRALITY_LAYERS = 2
 
