@@ -118,12 +118,14 @@ def _load_partial(path, settings):
 
 
 def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out_dir=None,
-        max_seconds=None):
+        max_seconds=None, first_ids=()):
   """Evaluates SSL inference with several templates; returns (and writes) the report dict.
 
   Each template's result is appended to <out>/templates.jsonl as it is done, and a rerun with the
   same settings skips those; with `max_seconds` the run stops after the first template that ends
   past it and returns None, to be continued by the next call (the report is written once all are done).
+  The configured template is done first, then `first_ids` (e.g. the suggestion's top
+  candidates), then the others in a seeded random order.
 
   Returns {"workdir", "configured_template", "templates": [{"id", "configured", "grid": {mre, std,
   sdr}, "fullres": {...}, "splits": {protocol: {split: mre}}}], "num_templates", "num_images",
@@ -161,10 +163,11 @@ def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out
   done = _load_partial(partial, settings)
   if not done:
     utils.atomic_write_text(partial, settings + "\n")
-  # The first (configured) template first, the others in a seeded random order: the templates
-  # done by a stopped run are a fair sample of all.
-  order = [ids[0]] + [ids[1 + j] for j in np.random.default_rng(seed).permutation(len(ids) - 1)]
-  todo = [i for i in order if i not in done]
+  # The others in a seeded random order: besides first_ids, the templates done by a stopped run
+  # are a fair sample of all.
+  shuffled = [ids[1 + j] for j in np.random.default_rng(seed).permutation(len(ids) - 1)]
+  head = [ids[0]] + [str(i) for i in first_ids if str(i) in ids]
+  todo = [i for i in dict.fromkeys(head + shuffled) if i not in done]
   if len(todo) < len(ids):
     logging.info("resuming: %d of %d templates done in %s", len(ids) - len(todo), len(ids),
                  partial)
@@ -279,6 +282,8 @@ def _define_flags():
   flags.DEFINE_list("template_ids", [], "Exact training image ids to use instead.")
   flags.DEFINE_integer("seed", 0, "Seed of the template draw.")
   flags.DEFINE_string("out", "", "Output folder (default <workdir>/ssl/template_sensitivity).")
+  flags.DEFINE_list("first_ids", [], "Templates to do first (after the run's own), e.g. the "
+                    "top of suggest/ranking.csv.")
   flags.DEFINE_float("max_seconds", None, "Stop after this many seconds (exit 75); the same "
                      "command again continues with the templates not done yet.")
 
@@ -292,7 +297,7 @@ def main(argv):
     compile_cache.enable(compile_cache.directory(FLAGS.workdir))
   report = run(FLAGS.workdir, config=config, num_templates=FLAGS.num_templates,
                template_ids=FLAGS.template_ids or None, seed=FLAGS.seed, out_dir=FLAGS.out or None,
-               max_seconds=FLAGS.max_seconds)
+               max_seconds=FLAGS.max_seconds, first_ids=FLAGS.first_ids)
   if report is None:
     return exit_codes.PREEMPTED  # "rerun the same command" to go on
   print(markdown(report))

@@ -94,6 +94,7 @@ def _export_random_ssl(workdir, config):
                     {"stage": "ssl", "steps": 0})
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("fast_compile")
 def test_suggest_stage_on_images_only(tmp_path):
   root = _images_only_dataset(tmp_path / "data")

@@ -17,6 +17,8 @@ from launch import template_sensitivity as ts
 from tests.helpers import tiny_config
 from tests.test_predict import make_workdir
 
+# A tiny run's workdir, its evaluation and every template: over 30 s on a busy 2-core CPU.
+SLOW = pytest.mark.slow
 POSES = dict(rotations_deg=(-10.0, 0.0, 10.0), scales=(0.9, 1.1))
 
 
@@ -30,6 +32,7 @@ def run_dir(tmp_path_factory):
   return path, config, cache
 
 
+@SLOW
 def test_cached_features_give_the_predictors_predictions(run_dir):
   path, config, cache = run_dir
   rows = cache.indices("test")
@@ -51,6 +54,7 @@ def test_cached_features_give_the_predictors_predictions(run_dir):
       predictor(cache.images[rows]))
 
 
+@SLOW
 def test_all_templates_oracle(run_dir):
   path, config, cache = run_dir
   report = ts.run(path, config=config, num_templates=0)
@@ -86,6 +90,7 @@ def test_rank_of_and_choose_templates():
   assert len(ts.choose_templates(ids, "c", 2)) == 2
 
 
+@SLOW
 def test_stopped_run_resumes_where_it_stopped(run_dir, tmp_path):
   path, config, cache = run_dir
   ids = [cache.ids[r] for r in cache.indices("train")[:3]]
@@ -93,7 +98,13 @@ def test_stopped_run_resumes_where_it_stopped(run_dir, tmp_path):
   lines = (tmp_path / ts.PARTIAL_NAME).read_text().splitlines()
   assert len(lines) == 2  # the settings, then the one template done
   first = json.loads(lines[1])
+  assert first["id"] == ids[0]
   assert not (tmp_path / ts.JSON_NAME).exists()
+  # first_ids go before the shuffled rest.
+  assert ts.run(path, config=config, template_ids=ids, out_dir=tmp_path, max_seconds=0,
+                first_ids=[ids[2]]) is None
+  lines = (tmp_path / ts.PARTIAL_NAME).read_text().splitlines()
+  assert [json.loads(l)["id"] for l in lines[1:]] == [ids[0], ids[2]]
   report = ts.run(path, config=config, template_ids=ids, out_dir=tmp_path)
   assert [e["id"] for e in report["templates"]] == ids
   assert report["templates"][0] == first
