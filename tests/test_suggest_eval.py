@@ -55,3 +55,24 @@ def test_evaluate_run_against_a_known_oracle(tmp_path):
 def test_missing_oracle_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="template_sensitivity"):
     suggest_eval.evaluate_run(tmp_path)
+
+
+def test_partial_oracle_median_leaves_out_the_chosen_templates(tmp_path):
+  mre = [3.0, 5.0, 4.0, 6.0, 2.0, 7.0, 4.5, 8.0, 9.0, 1.0, 10.0, 11.0, 12.0]
+  _fake_run(tmp_path, mre, cycle=mre, centrality=mre)
+  out = workdir_lib.template_sensitivity_dir(tmp_path)
+  entries = json.loads((out / ts.JSON_NAME).read_text())["templates"]
+  (out / ts.JSON_NAME).unlink()
+  with pytest.raises(FileNotFoundError):
+    suggest_eval.evaluate_run(tmp_path)
+  lines = ["settings"] + [json.dumps({**e, "unit": "mm"}) for e in entries]
+  (out / ts.PARTIAL_NAME).write_text("\n".join(lines) + "\n" + '{"id": "cut')
+  r = suggest_eval.evaluate_run(tmp_path, allow_partial=True)
+  assert r["partial_oracle"] and r["num_templates"] == len(mre)
+  # Left out: the configured t2 and the top 5 of each score (cycle: lowest 5, centrality:
+  # highest 5).
+  chosen = {2} | set(np.argsort(mre)[:5]) | set(np.argsort(mre)[-5:])
+  rest = [m for i, m in enumerate(mre) if i not in chosen]
+  assert r["num_random_templates"] == len(rest)
+  assert r["median_mre"] == pytest.approx(np.median(rest))
+  assert "partial oracle" in suggest_eval.markdown([r])
