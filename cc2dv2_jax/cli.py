@@ -36,7 +36,7 @@ def _default_config():
 
 
 DEFAULT_CONFIG = _default_config()
-STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check", "predict")
+STAGES = ("ssl", "pseudo", "tpl", "eval", "all", "check", "predict", "suggest")
 
 
 # ------------------------------------------------------------------------------------------------

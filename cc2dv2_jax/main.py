@@ -15,7 +15,8 @@ config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG,
                                 "Config file (config args after ':').", lock_config=True)
 flags.DEFINE_string("workdir", "workdirs/demo", "Where data cache, checkpoints and results go.")
 flags.DEFINE_enum("stage", "all", list(cli.STAGES),
-                  "Which stage to run; 'all' runs ssl -> pseudo -> tpl -> eval.")
+                  "Which stage to run; 'all' runs ssl -> pseudo -> tpl -> eval; 'suggest' (after "
+                  "ssl) ranks the training images as the template to label.")
 flags.DEFINE_bool("overwrite", False, "Reuse a workdir that holds a run of a different config "
                   "(that run's outputs are removed).")
 

@@ -13,6 +13,7 @@ from cc2dv2_jax.data import dataset
 from cc2dv2_jax.evaluation import evaluate
 from cc2dv2_jax.inference import predict
 from cc2dv2_jax.inference import pseudo
+from cc2dv2_jax.inference import suggest
 from cc2dv2_jax.training import ssl
 from cc2dv2_jax.training import tpl
 
@@ -27,7 +28,8 @@ def run_all(config, workdir):
 
 
 STAGES = {"ssl": ssl.run, "pseudo": pseudo.run, "tpl": tpl.run, "eval": evaluate.run,
-          "all": run_all, "check": dataset.check, "predict": predict.run}
+          "all": run_all, "check": dataset.check, "predict": predict.run,
+          "suggest": suggest.run}
 
 
 def run(stage, config, workdir, overwrite=False):

@@ -110,6 +110,11 @@ def template_sensitivity_dir(workdir):
   return stage_dir(workdir, "ssl") / "template_sensitivity"
 
 
+def suggest_dir(workdir):
+  """--stage=suggest: the training images ranked as templates (inference/suggest.py)."""
+  return pathlib.Path(workdir) / "suggest"
+
+
 def tpl_diagnosis_dir(workdir):
   return stage_dir(workdir, "tpl") / "diagnosis"
 
@@ -152,6 +157,7 @@ OUTPUTS = {
     "phantoms": {"data"},
     "ssl": {"data", "ssl"},  # checkpoints, export, metrics
     "ssl/eval": {"data", "ssl", "pseudo", "eval"},
+    "suggest": {"data", "ssl"},  # uses the SSL encoder only, never the template
     "pseudo": {"data", "ssl", "pseudo"},
     "tpl": {"data", "ssl", "pseudo", "tpl"},
     "tpl/eval": _ALL,
