@@ -152,7 +152,8 @@ TINY_STEPS="ssl_minutes=$TINY_MIN,ssl_step_ms=$TINY_MS,tpl_minutes=$TINY_MIN,tpl
 # code path with the tiny model and TINY_STEPS, on the ISBI copy when it was carried, else on
 # phantoms (8 landmarks).
 e2e_args() {
-  local data=(--config.data.root= --config.data.num_landmarks=8 --config.data.template_id=001)
+  local data=(--config.data.root= --config.data.format=phantom --config.data.num_landmarks=8
+              --config.data.template_id=001)
   [ -d "$ROOT" ] && data=(--config.data.root="$ROOT")
   echo "--config=configs/ceph_fast.py:$TINY_STEPS"
   printf '%s\n' "${data[@]}" "${TINY[@]}" --config.eval.overlays=False

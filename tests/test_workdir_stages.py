@@ -29,8 +29,8 @@ def test_group_of_each_key(key, stage):
     (("tpl.lr",), ["tpl", "eval"]),
     (("eval.radii",), ["ssl/eval", "tpl/eval", "eval"]),
     (("data.template_id",), ["ssl/eval", "pseudo", "tpl", "eval"]),
-    (("eval.radii", "ssl.lr"), ["ssl", "pseudo", "tpl", "eval"]),
-    (("data.size_hw",), list(workdir_lib.OUTPUTS)[:3] + ["pseudo", "tpl", "eval"]),
+    (("eval.radii", "ssl.lr"), ["ssl", "suggest", "pseudo", "tpl", "eval"]),
+    (("data.size_hw",), list(workdir_lib.OUTPUTS)[:3] + ["suggest", "pseudo", "tpl", "eval"]),
 ])
 def test_a_change_removes_what_depends_on_it(tmp_path, keys, stale):
   for name in workdir_lib.OUTPUTS:
