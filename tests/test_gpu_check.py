@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from cc2dv2_jax import exit_codes
 from cc2dv2_jax.bench import gpu_check
 from cc2dv2_jax.bench import report
+from cc2dv2_jax.bench import runner
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "gpu_check.sh"
@@ -147,16 +149,97 @@ def _no_errors(name, results):
   assert "error" not in results, (name, results.get("error"))
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_dry_run_goes_through_every_section(tmp_path):
+@pytest.fixture(scope="module")
+def bench_dry_run(tmp_path_factory):
+  """One bench dry run for the tests below: $OUT and the script's stdout. The bench CLI's own
+  sections are checked on it too (it runs every section, in four processes, as a GPU would)."""
+  out = tmp_path_factory.mktemp("bench_dry_run")
   # A budget far above the dry run's need (about 190 s of CPU time): on a CPU shared with other
   # work the default 570 s would skip the last blocks (the budget test covers that behaviour).
-  proc, wall = _run("bench", tmp_path, timeout=1700, GPU_CHECK_DRYRUN="1",
-                    GPU_CHECK_BUDGET_S="1500")
+  proc, wall = _run("bench", out, timeout=1700, GPU_CHECK_DRYRUN="1", GPU_CHECK_BUDGET_S="1500")
   print(f"dry run: {wall:.1f} s")
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-  check_bench_out(tmp_path)
+  return out, proc.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dry_run_goes_through_every_section(bench_dry_run):
+  check_bench_out(bench_dry_run[0])
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and np.isfinite(x) and x > 0
+
+
+def _bench_sections(out):
+  """Every section of the dry run's four bench JSONs, by section name."""
+  merged = {}
+  for name in ("bench_fast.json", "bench_bf16.json", "bench_fp32.json", "bench_host.json"):
+    r = json.loads((out / name).read_text())
+    # bench_fast's steps are the ceph_fast ones; the reference-batch ones come from bf16/fp32.
+    merged.update({k: v for k, v in r.items() if k not in merged or name != "bench_fast.json"})
+  return merged
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_sections_report_positive_numbers(bench_dry_run):
+  """The bench CLI (cc2dv2_jax.bench): every section runs and reports sane, positive numbers.
+  Timings at this size mean nothing."""
+  out, stdout = bench_dry_run
+  r = _bench_sections(out)
+  for name in runner.ALL_SECTIONS + ("env", "profile"):
+    assert name in r, name
+  for name in ("ssl_step", "tpl_step"):
+    s = r[name]
+    for k in ("ms_median", "ms_pipelined", "compile_s", "trace_s", "flops", "tflops",
+              "peak_bytes"):
+      assert _positive(s[k]), (name, k, s[k])
+    assert s["loss_finite"] and s["ms_p10"] <= s["ms_median"] <= s["ms_p90"]
+  # Two images + two patches of 64/32 px through a width-1/8 net: a sane FLOP count.
+  assert 1e7 < r["ssl_step"]["flops"] < 1e11
+  assert _positive(r["tpl_naive"]["ms_median"]) and r["tpl_naive"]["loss_finite"]
+  for name in ("ssl_infer", "tpl_infer"):
+    for k in ("per_image_ms", "end_to_end_per_image_ms", "compile_s", "flops", "peak_bytes"):
+      assert _positive(r[name][k]), (name, k, r[name][k])
+  assert _positive(r["tpl_infer"]["vote_only_per_image_ms"])
+  pipe = r["pipeline"]
+  assert all(_positive(row["samples_per_s"]) and _positive(row["ratio_to_demand"])
+             for row in pipe["rows"])
+  assert _positive(pipe["step_demand_samples_per_s"])
+  # Speeds are the bench's figures, not a test's: which stream is faster depends on the load.
+  assert _positive(pipe["device_augment_rows_per_s"])
+  assert _positive(pipe["device_augment_ratio_to_demand"])
+  # Each process prints its table; together they name every section.
+  for label in ("SSL train step", "TPL train step", "naive", "SSL inference",
+                "voting inference", "input pipeline", "row stream", "compile"):
+    assert label in stdout, label
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_compile_cache_cold_then_warm(bench_dry_run):
+  c = json.loads((bench_dry_run[0] / "bench_host.json").read_text())["compile"]
+  assert c["cold"]["where"].startswith("new process")
+  assert _positive(c["cold"]["compile_s"]) and _positive(c["warm"]["total_s"])
+  # The warm process found the SSL step in the cache the cold compile wrote.
+  assert c["warm"]["cache_hits"] >= 1 and c["warm"]["cache_misses"] == 0
+  assert c["cache_files"] >= 1
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_profile_summary(bench_dry_run):
+  out = bench_dry_run[0]
+  p = json.loads((out / "bench_bf16.json").read_text())["profile"]
+  assert (out / "ssl_step_bf16.xplane.pb").stat().st_size > 0
+  assert _positive(p["busy_ms_per_step"]) and p["top_ops"]
+  assert "convolution" in p["by_kind_ms"]
+  # Time is attributed to model parts through the ops' JAX name stack.
+  assert any(k.startswith(("fwd/vgg", "bwd/vgg")) for k in p["by_part_ms"])
+  # gpu_check's tiny model has no RFB blocks: the config reached the model.
+  assert not any("non_local" in k for k in p["by_part_ms"])
 
 
 def check_bench_out(tmp_path):
