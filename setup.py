@@ -29,7 +29,7 @@ setup(
         # torch only for the weight converter and the parity tools; pinned so pip does not pull a
         # multi-GB CUDA build on CPU machines.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8", "pydicom>=2.4,<4", "torch==2.13.0", "pyyaml>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "pydicom>=2.4,<4", "torch==2.13.0", "pyyaml>=6"],
     },
     entry_points={"console_scripts": ["cc2dv2=cc2dv2_jax.main:app_main"]},
 )

@@ -47,12 +47,33 @@ def fast_compile():
     yield
 
 
-def pytest_collection_modifyitems(items):
+# Files that take a minute or more on 2 cores, longest first (measured, README "Tests"): with two
+# test processes (pytest.ini, pytest-xdist) they start first, so that both processes finish
+# together instead of one starting the real-data run when the other is almost done.
+LONGEST_FIRST = ("test_realdata.py", "test_pipeline_demo.py", "test_gpu_check.py",
+                 "test_reliability_kill.py", "test_multihost.py", "test_ablation.py")
+
+
+def _process_group(item):
+  """Tests that must share one test process: a file's tests (its module fixtures run once), and
+  every user of the session's tiny trained workdir (trained once per process)."""
+  if "tiny_run" in getattr(item, "fixturenames", ()):
+    return "tiny_run"
+  return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
   """Every test that reads the real dataset ($CC2D_ISBI_ROOT, by its fixture) is an integration
   test: it depends on data outside the repository."""
+  xdist = config.pluginmanager.hasplugin("xdist")
   for item in items:
     if "isbi_root_session" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.integration)
+    if xdist:
+      item.add_marker(pytest.mark.xdist_group(_process_group(item)))
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
 @pytest.fixture
