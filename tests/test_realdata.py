@@ -1,7 +1,7 @@
 """Real ISBI 2015 radiographs ($CC2D_ISBI_ROOT): the SSL stage learns, pseudo-labels and evaluation run.
 
-One small SSL run (configs/ceph_cpu.py:small: 128 x 128 grid, width-1/4 network, 400
-steps, about 4 minutes on 2 cores) serves every test here. Learning is judged against the one-shot
+One small SSL run (configs/ceph_cpu.py:small: 128 x 128 grid, width-1/4 network, 240
+steps, about 2.5 minutes on 2 cores) serves every test here. Learning is judged against the one-shot
 baseline that learns nothing, "predict the template's coordinates", on the 250 test images and
 the 150 training images: a model at the edge of learning would pass on one machine and fail on
 another, so the run is sized to clear the bar by a wide margin (README "ISBI 2015 on a CPU").
@@ -75,7 +75,8 @@ def test_pseudo_labels_beat_template_baseline_on_training_images(isbi_run):
   mre = metrics.evaluate_cache(yx, cache, rows)["summary"]["fullres"]["pooled"]["mre"]
   base = helpers.template_baseline_mre(config, workdir, "fullres", split="train")
   # Not the learning test (that is the one above): a check that the pseudo stage carries the
-  # learned matching over to the training images (measured 6.95 vs 10.01 mm), hence a looser bar.
+  # learned matching over to the training images (measured 6.62 / 7.04 mm on seeds 0 / 1 vs
+  # 10.01 mm), hence a looser bar.
   assert mre < 0.8 * base, f"pseudo-label MRE {mre:.2f} mm vs template baseline {base:.2f} mm"
 
 

@@ -108,12 +108,14 @@ def template_baseline(config, cache, rows):
   return metrics.evaluate_cache(preds, cache, rows, gt=config.data.gt, radii=config.eval.radii)
 
 
-def run_stage_eval(config, workdir, stage):
-  """The test-split evaluation of `stage`, computed once and then read back from its report."""
+def run_stage_eval(config, workdir, stage, cache=None):
+  """The test-split evaluation of `stage`, computed once and then read back from its report.
+  `cache`: the workdir's data cache when the caller has it loaded already."""
   out_dir = workdir_lib.eval_dir(workdir, stage)
   if distributed.agree(workdir_lib.results_path(workdir, stage).exists()):
     return _load(out_dir)
-  cache = dataset.ensure_cache(config, workdir, jax.process_index())
+  if cache is None:
+    cache = dataset.ensure_cache(config, workdir, jax.process_index())
   return evaluate_stage(config, workdir, stage, cache, cache.indices(config.eval.split), out_dir)
 
 
@@ -123,11 +125,11 @@ def run(config, workdir):
   stages = [s for s in ("ssl", "tpl") if restore.has_export(workdir, s)]
   if not stages:
     raise FileNotFoundError(f"{workdir}: nothing to evaluate (no ssl/ or tpl/ export)")
-  results = {s: run_stage_eval(config, workdir, s) for s in stages}
+  cache = dataset.ensure_cache(config, workdir, jax.process_index())
+  results = {s: run_stage_eval(config, workdir, s, cache) for s in stages}
   parts = [f"## {'SSL only (template matching)' if s == 'ssl' else 'SSL + TPL (voting)'}\n\n"
            f"{results[s]['markdown']}\n\nreport: {workdir_lib.eval_dir(workdir, s)}/results.md\n"
            for s in stages]
-  cache = dataset.ensure_cache(config, workdir, jax.process_index())
   baseline = template_baseline(config, cache, cache.indices(config.eval.split))
   if baseline["n_images"]:
     results["baseline"] = baseline
