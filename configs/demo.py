@@ -60,9 +60,12 @@ def get_config(arg=None):
                               ssl_intervals=(2, 3), tpl_intervals=(2, 2), size_hw=(64, 64),
                               patch_size=32, phantoms=dict(TEST_PHANTOMS, size_hw=(80, 64)))
     # The unit tests' runs check workflow against the reference's recipe: plain template, no
-    # TPL augmentation (their own tests switch these on).
+    # TPL augmentation (their own tests switch these on). No RFB context blocks: a third less to
+    # compile in every SSL step of the suite; the RFB is checked by the model parity tests and
+    # trained by demo:test.
     c.ssl.template_poses.rotations_deg, c.ssl.template_poses.scales = (0.0,), (1.0,)
     c.tpl.augment.enabled = False
+    c.model.rfb = False
   elif a.test:
     config_lib.shrink_for_cpu(c, width=None, embed_dim=None, ssl_batch=None, tpl_batch=None,
                               ssl_steps=80, tpl_steps=100, ssl_intervals=None, tpl_intervals=None,

@@ -30,11 +30,16 @@ pytest_plugins = ("tests.trained_tiny",)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
-# One persistent compilation cache for the session (this process only; set before the first
-# compile, which fixes it for the process): tests that build the same program again, e.g. a train
-# step in every run of a resume test, load it instead of compiling it. Empty at every start.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="cc2d_test_jax_cache_")
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+# One persistent compilation cache for the session (set before the first compile, which fixes it
+# for the process): tests that build the same program again, e.g. a train step in every run of a
+# resume test, load it instead of compiling it. Empty at every start. The process that makes it
+# passes it on to the pytest-xdist workers it starts (they inherit the environment), so that one
+# worker loads what the other compiled; that process alone removes it at the end.
+_CACHE_ENV = "CC2D_TEST_SESSION_JAX_CACHE"
+_COMPILE_CACHE = os.environ.get(_CACHE_ENV)
+if not _COMPILE_CACHE:
+  _COMPILE_CACHE = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="cc2d_test_jax_cache_")
+  atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -198,7 +198,7 @@ def test_wall_clock_budget_starts_after_the_compiling_step(tmp_path):
 def test_ssl_step_with_device_augmentation_lowers_from_shapes():
   """The bench's SSL step in ssl.augment="device" mode: rows sharded, the image pool replicated."""
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config(**{"ssl.augment": "device", "model.rfb": False})
+  config = tiny_config(**{"ssl.augment": "device"})
   mesh = sharding.make_mesh()
   jstep, state, batch, rng = steps.abstract_ssl_inputs(config, mesh)
   assert set(batch) == {"row", "pool"}

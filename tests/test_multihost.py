@@ -28,9 +28,8 @@ from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
-# RFB off: it halves the compile time and has no bearing on how data and gradients are split.
 OVERRIDES = {"ssl.batch_size": 4, "ssl.num_steps": STEPS, "ssl.log_every": 1,
-             "ssl.ckpt_every": 2, "ssl.eval_at_end": False, "model.rfb": False}
+             "ssl.ckpt_every": 2, "ssl.eval_at_end": False}
 WORKER_TIMEOUT_S = 300
 
 

@@ -26,10 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TMP_MARK = ".orbax-checkpoint-tmp"
-# The tests' tiny model and phantoms, without RFB, with longer runs and frequent checkpoints.
+# The tests' tiny model and phantoms, with longer runs and frequent checkpoints.
 CONFIG = "configs/demo.py:tiny"
 OVERRIDES = [
-    "--config.model.rfb=False", "--config.ssl.batch_size=4", "--config.ssl.num_steps=30",
+    "--config.ssl.batch_size=4", "--config.ssl.num_steps=30",
     "--config.ssl.log_every=5", "--config.ssl.ckpt_every=5", "--config.ssl.keep_checkpoints=2",
     "--config.tpl.num_steps=20", "--config.tpl.log_every=5", "--config.tpl.ckpt_every=5",
     "--config.tpl.keep_checkpoints=2", "--config.eval.overlays=False",

@@ -16,9 +16,7 @@ from tests.helpers import tiny_config
 
 @pytest.fixture(scope="module")
 def cache_and_config(tmp_path_factory):
-  # RFB off: a third less to compile, and no bearing on how data and gradients are split (its
-  # BatchNorms are of the same kind as the decoder's, which stay).
-  config = tiny_config(**{"model.rfb": False})
+  config = tiny_config()
   workdir = tmp_path_factory.mktemp("ssl")
   return dataset.ensure_cache(config, workdir), config
 
