@@ -31,13 +31,10 @@ from tests import helpers
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = "configs/demo.py:test"
+# The tests' tiny runs (the smallest model that runs every code path): they only have to finish.
+CONFIG = "configs/demo.py:tiny"
 VARIANTS = "cc2dv2,alpha=0.07"
-# The smallest model that still runs every code path: the runs only have to finish, not learn.
-EXTRA = ("--config.model.width=0.125 --config.model.embed_dim=16 --config.model.rfb=False "
-         "--config.data.size_hw=64,64 --config.ssl.patch_size=32 "
-         "--config.data.phantoms.size_hw=80,64 --config.ssl.num_steps=4 --config.ssl.batch_size=4 "
-         "--config.eval.overlays=False")
+EXTRA = "--config.ssl.num_steps=4 --config.ssl.batch_size=4 --config.eval.overlays=False"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +186,7 @@ def test_runner_end_to_end(ablation):
   # alpha=0.07/seed1 went through the real command line, sharing the one prepared data cache.
   info = json.loads((root / "alpha=0.07" / "seed1" / plan_lib.RUN_INFO).read_text())
   cmd = info["attempts"][-1]["command"]
-  assert "-m cc2dv2_jax.main" in cmd and "--config=configs/demo.py:test,alpha=0.07" in cmd
+  assert "-m cc2dv2_jax.main" in cmd and "--config=configs/demo.py:tiny,alpha=0.07" in cmd
   assert f"--config.data.cache_dir={root / 'data_cache'}" in cmd
   assert not (root / "alpha=0.07" / "seed1" / "data_cache").exists()
   cfg = json.loads((root / "alpha=0.07" / "seed1" / "config.json").read_text())

@@ -24,6 +24,7 @@ from cc2dv2_jax import stages
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.training import ssl
+from tests.helpers import FAST_COMPILE_ENV
 from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def _worker_env():
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                               "SLURM_", "OMPI_"))}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             CC2D_QUIET_PROGRESS="1", PYTHONPATH=str(REPO))
+             CC2D_QUIET_PROGRESS="1", PYTHONPATH=str(REPO), **FAST_COMPILE_ENV)
   return env
 
 

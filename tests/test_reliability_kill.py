@@ -22,6 +22,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import helpers
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,7 +43,8 @@ TIMING_KEYS = ("inference_seconds", "images_per_second")
 def _env(cache_dir):
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             CC2D_JAX_CACHE=str(cache_dir), CC2D_QUIET_PROGRESS="1", TF_CPP_MIN_LOG_LEVEL="2")
+             CC2D_JAX_CACHE=str(cache_dir), CC2D_QUIET_PROGRESS="1", TF_CPP_MIN_LOG_LEVEL="2",
+             **helpers.FAST_COMPILE_ENV)
   return env
 
 
