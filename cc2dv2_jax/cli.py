@@ -21,7 +21,6 @@ from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 
 
-
 def _default_config():
   """configs/demo.py as an absolute path, so `cc2dv2` works from any folder.
 

@@ -22,33 +22,13 @@ from absl import flags
 
 from cc2dv2_jax import utils
 from cc2dv2_jax import workdir as workdir_lib
+from cc2dv2_jax.evaluation import metrics
 from cc2dv2_jax.inference import suggest
 from launch import template_sensitivity as ts
 
 JSON_NAME = "suggest_eval.json"
 MD_NAME = "suggest_eval.md"
 TOP_K = 5
-
-
-def ranks(values):
-  """1-based ranks of `values` ascending, ties given their mean rank (as Spearman needs)."""
-  v = np.asarray(values, np.float64)
-  order = np.argsort(v, kind="stable")
-  r = np.empty(len(v), np.float64)
-  r[order] = np.arange(1, len(v) + 1)
-  for u in np.unique(v):
-    tie = v == u
-    if tie.sum() > 1:
-      r[tie] = r[tie].mean()
-  return r
-
-
-def spearman(a, b):
-  """Spearman rank correlation of two equal-length sequences (NaN when either is constant)."""
-  ra, rb = ranks(a), ranks(b)
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  den = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-  return float(np.sum(ra * rb) / den) if den > 0 else float("nan")
 
 
 def load_oracle(workdir, allow_partial=False):
@@ -58,9 +38,8 @@ def load_oracle(workdir, allow_partial=False):
   path = out / ts.JSON_NAME
   if path.exists():
     return {**json.loads(path.read_text()), "partial": False}
-  partial = out / ts.PARTIAL_NAME
-  if allow_partial and partial.exists():
-    entries = [json.loads(l) for l in partial.read_text().splitlines()[1:] if l.endswith("}")]
+  if allow_partial:
+    _, entries = ts.read_partial(out / ts.PARTIAL_NAME)
     configured = [e["id"] for e in entries if e["configured"]]
     if entries and configured:
       return {"templates": entries, "unit": entries[0]["unit"],
@@ -106,7 +85,7 @@ def evaluate_run(workdir, protocol="fullres", top_k=TOP_K, allow_partial=False):
     better = -values if score == "cycle" else values
     top = [ids[r] for r in best_first[:top_k]]
     out["scores"][score] = {
-        "spearman": spearman(better, -mre), "top_ids": top,
+        "spearman": metrics.spearman(better, -mre), "top_ids": top,
         "top1_mre": float(mre[best_first[0]]),
         f"top{top_k}_mean_mre": float(mre[best_first[:top_k]].mean()),
         "top1_true_rank": ts.rank_of(mre, best_first[0]),

@@ -100,21 +100,26 @@ def _settings(config, workdir):
                     sort_keys=True, default=list)
 
 
-def _load_partial(path, settings):
-  """{id: entry} finished by an earlier, interrupted run with the same settings."""
+def read_partial(path):
+  """(settings line, [entry]) of a templates.jsonl file; ("", []) when there is none."""
   if not path.exists():
-    return {}
+    return "", []
   lines = path.read_text().splitlines()
-  if not lines or lines[0] != settings:
-    return {}
-  done = {}
+  entries = []
   for line in lines[1:]:
     try:
-      entry = json.loads(line)
+      entries.append(json.loads(line))
     except ValueError:  # the last line of a killed run may be cut
       continue
-    done[entry["id"]] = entry
-  return done
+  return (lines[0] if lines else ""), entries
+
+
+def _load_partial(path, settings):
+  """{id: entry} finished by an earlier, interrupted run with the same settings."""
+  recorded, entries = read_partial(path)
+  if recorded != settings:
+    return {}
+  return {entry["id"]: entry for entry in entries}
 
 
 def run(workdir, *, config=None, num_templates=5, template_ids=None, seed=0, out_dir=None,

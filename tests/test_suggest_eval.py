@@ -5,20 +5,24 @@ import numpy as np
 import pytest
 
 from cc2dv2_jax import workdir as workdir_lib
+from cc2dv2_jax.evaluation import metrics
 from cc2dv2_jax.inference import suggest
 from launch import suggest_eval
 from launch import template_sensitivity as ts
 
 
 def test_spearman_and_ranks():
-  assert suggest_eval.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-  assert suggest_eval.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-  np.testing.assert_allclose(suggest_eval.ranks([3.0, 1.0, 3.0, 2.0]), [3.5, 1, 3.5, 2])
+  """metrics.spearman, which suggest_eval scores with."""
+  assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert metrics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  # Ties get their mean rank: [3, 1, 3, 2] ranks as [3.5, 1, 3.5, 2].
+  assert metrics.spearman([3.0, 1.0, 3.0, 2.0], [4, 1, 3, 2]) == pytest.approx(
+      np.corrcoef([3.5, 1, 3.5, 2], [4, 1, 3, 2])[0, 1])
   # Against the textbook formula 1 - 6 sum d^2 / (n (n^2 - 1)) (no ties).
   a, b = [5, 1, 4, 2, 3], [2, 1, 5, 4, 3]
   d = np.array([5, 1, 4, 2, 3]) - np.array([2, 1, 5, 4, 3])
-  assert suggest_eval.spearman(a, b) == pytest.approx(1 - 6 * np.sum(d ** 2) / (5 * 24))
-  assert np.isnan(suggest_eval.spearman([1, 1, 1], [1, 2, 3]))
+  assert metrics.spearman(a, b) == pytest.approx(1 - 6 * np.sum(d ** 2) / (5 * 24))
+  assert np.isnan(metrics.spearman([1, 1, 1], [1, 2, 3]))
 
 
 def _fake_run(workdir, mre, cycle, centrality, configured="t2"):

@@ -301,6 +301,16 @@ def finite_pairs(a, b, a_name="values", b_name="values"):
   return a[ok], b[ok]
 
 
+def spearman(a, b):
+  """Spearman rank correlation of two equal-length sequences (ties get their mean rank); NaN
+  when either is constant or shorter than 2."""
+  a = np.asarray(a, np.float64).ravel()
+  b = np.asarray(b, np.float64).ravel()
+  if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    return float("nan")
+  return float(scipy.stats.spearmanr(a, b).statistic)
+
+
 def confidence_ranking(confidence, errors, quantile=0.25):
   """How well a per-landmark confidence ranks the errors.
 
@@ -323,7 +333,5 @@ def confidence_ranking(confidence, errors, quantile=0.25):
   order = np.argsort(c, kind="stable")
   k = min(max(1, int(round(quantile * c.size))), c.size - 1)
   out.update(threshold=float(c[order[k - 1]]), low_mre=float(e[order[:k]].mean()),
-             rest_mre=float(e[order[k:]].mean()))
-  if np.ptp(c) > 0 and np.ptp(e) > 0:
-    out["spearman"] = float(scipy.stats.spearmanr(c, e).statistic)
+             rest_mre=float(e[order[k:]].mean()), spearman=spearman(c, e))
   return out

@@ -336,8 +336,9 @@ def write_report(results, out_dir, *, images=None, preds=None, gts=None, overlay
   for proto in protos:
     md += [f"## Per landmark, {_protocol_title(results, proto)}, {metrics.POOLED}", "",
            per_landmark_table(results, proto), ""]
-  if confidence_markdown(results):
-    md += ["## Confidence", "", confidence_markdown(results), ""]
+  confidence_md = confidence_markdown(results)
+  if confidence_md:
+    md += ["## Confidence", "", confidence_md, ""]
   md += ["## Figures", "", "![SDR vs radius](sdr_vs_radius.png)", "",
          "![Per-landmark MRE](per_landmark_error.png)", ""]
   if "confidence_vs_error.png" in written:

@@ -36,6 +36,7 @@ from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
 from cc2dv2_jax.evaluation import evaluate
 from cc2dv2_jax.evaluation import plots
+from cc2dv2_jax.evaluation import report
 from cc2dv2_jax.inference import restore
 
 COORDINATES = ("x = column, y = row in pixels of the original image; 0,0 = centre of the "
@@ -179,7 +180,8 @@ class Prediction:
     for k, (x, y) in enumerate(self.xy):
       rows.append([self.source if self.source is not None else "", name, k + 1, _fmt(x, 3),
                    _fmt(y, 3), "" if mm is None else _fmt(mm[k, 0], 4),
-                   "" if mm is None else _fmt(mm[k, 1], 4), f"{float(self.confidence[k]):.4f}"])
+                   "" if mm is None else _fmt(mm[k, 1], 4),
+                   report.format_confidence(self.confidence[k])])
     return rows
 
 

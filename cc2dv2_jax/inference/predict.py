@@ -49,7 +49,6 @@ from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.data import images as images_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.errors import DataError
-from cc2dv2_jax.evaluation import plots
 from cc2dv2_jax.inference import api
 
 CSV_NAME = "predictions.csv"
@@ -142,9 +141,7 @@ def _write_outputs(out_dir, predictor, group, predictions):
     rec = pred.to_json(item["name"], predictor.grid_hw)
     if jax.process_index() == 0:
       utils.atomic_write_text(out_dir / f"{item['name']}.json", json.dumps(rec, indent=1) + "\n")
-      title = f"{os.path.basename(item['path'])}  ({predictor.model.upper()})"
-      plots.overlay(item["image"], pred.xy[:, ::-1], None, out_dir / f"{item['name']}_overlay.png",
-                    title=title, low=pred.low_confidence)
+      predictor.draw(item["image"], pred, out_dir / f"{item['name']}_overlay.png")
     records.append(rec)
   return records
 
