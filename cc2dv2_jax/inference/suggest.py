@@ -7,8 +7,9 @@ every training image by how well points placed on it survive a round trip throug
       | p - back_j(fwd_j(p)) |  (grid pixels)
 
 where the partners are NUM_PARTNERS training images drawn once for all candidates (or all of
-them in a smaller set; the cost grows with candidates x partners), fwd_j matches p's features in image i into image j and back_j matches the found point's
-features in j back into i, both with the matching of the evaluation (`matching.match`, same mode).
+them in a smaller set; the cost grows with candidates x partners), fwd_j matches p's features in
+image i into image j and back_j matches the found point's features in j back into i, both with
+the matching of the evaluation (`matching.match`, same mode).
 The probe points are a fixed grid (`probe_points`), the same positions on every candidate, since no
 landmark exists yet. A template whose features lead to the same place and back from every other
 image is one that template matching can follow; a lower cycle error ranks higher.
