@@ -1,5 +1,9 @@
 """Shared builders for tests: tiny configs that run in seconds on a CPU."""
 import contextlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 
@@ -9,6 +13,22 @@ from configs import demo
 
 # For the subprocesses of tests that check workflow, not numerics (see `fast_compile`).
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(config_arg, workdir, *flags, timeout=1800):
+  """`python -m cc2dv2_jax.main --config=<config_arg> --workdir=<workdir> <flags>` from the repo
+  root, as a user runs it: the machine's one CPU device (the session's 4 fake devices split each
+  batch and cost a fifth more time in the learning runs), no JAX settings of the test session, no
+  compile cache. Fails the test with the command's output tail unless it exits 0."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(JAX_PLATFORMS="cpu", CC2D_QUIET_PROGRESS="1", TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, "-m", "cc2dv2_jax.main", f"--config={config_arg}",
+         "--config.compile_cache=False", f"--workdir={workdir}", *flags]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+  assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc
 
 
 def tiny_config(**overrides):

@@ -1,15 +1,14 @@
 """The demo pipeline end to end on phantoms: ssl -> pseudo -> tpl -> eval, and it learns.
 
-One module-scoped run of `--stage=all` (configs/demo.py:test) serves every test here. Learning is
-judged against the one-shot baseline "predict the template's coordinates" on held-out phantoms.
+One run of `python -m cc2dv2_jax.main --config=configs/demo.py:test --stage=all` on the machine's
+one CPU device (tests/helpers.run_main) serves every test here. Learning is judged against the
+one-shot baseline "predict the template's coordinates" on held-out phantoms.
 """
 import json
 
 import pytest
-from absl import logging
 
 from cc2dv2_jax import cli
-from cc2dv2_jax import stages
 from cc2dv2_jax.data import dataset
 from configs import demo
 from tests import helpers
@@ -21,11 +20,12 @@ MARGIN = 0.6  # a learned model must have at most 60% of the baseline's MRE
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-  logging.set_verbosity(logging.WARNING)
+  workdir = tmp_path_factory.mktemp("demo")
+  helpers.run_main("configs/demo.py:test", workdir, "--stage=all")
   config = demo.get_config("test")
   config.compile_cache = False
-  workdir = tmp_path_factory.mktemp("demo")
-  results = stages.run("all", config, workdir)
+  results = {stage: json.loads((workdir / stage / "eval" / "results.json").read_text())
+             for stage in ("ssl", "tpl")}
   return config, workdir, results
 
 

@@ -9,10 +9,6 @@ the 150 training images: a model at the edge of learning would pass on one machi
 another, so the run is sized to clear the bar by a wide margin (configs/ceph_cpu.py).
 """
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,21 +22,13 @@ from tests import helpers
 pytestmark = pytest.mark.slow
 
 MARGIN = 0.7  # learned: at most 70 % of the template baseline's MRE
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "ceph_cpu.py"
 
 
 @pytest.fixture(scope="module")
 def isbi_run(isbi_root_session, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("isbi")
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update(JAX_PLATFORMS="cpu", CC2D_QUIET_PROGRESS="1", TF_CPP_MIN_LOG_LEVEL="2")
-  cmd = [sys.executable, "-m", "cc2dv2_jax.main", f"--config={CONFIG}:small",
-         f"--config.data.root={isbi_root_session}", "--config.compile_cache=False",
-         f"--workdir={workdir}", "--stage=ssl"]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
-                        check=False)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  helpers.run_main("configs/ceph_cpu.py:small", workdir, f"--config.data.root={isbi_root_session}",
+                   "--stage=ssl")
   config = ceph_cpu.get_config(f"small,root={isbi_root_session}")
   config.compile_cache = False
   ssl_results = json.loads((workdir / "ssl" / "eval" / "results.json").read_text())

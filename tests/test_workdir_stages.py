@@ -1,5 +1,6 @@
 """A workdir's config identity is per stage: a change redoes the stages that read it, no others."""
 import json
+import shutil
 
 import pytest
 from absl import logging
@@ -46,18 +47,17 @@ def _snapshot(root):
 
 
 def _config(**overrides):
-  """The tests' tiny config without RFB: a third less to compile, and the workdir logic does not
-  depend on the network."""
-  return helpers.tiny_config(**{"model.rfb": False, **overrides})
+  """The config of the session's tiny trained workdir (tests/trained_tiny.py), changed."""
+  return helpers.tiny_config(**overrides)
 
 
 @pytest.fixture(scope="module")
-def finished(fast_compile, tmp_path_factory):  # pylint: disable=unused-argument
+def finished(tiny_run, tmp_path_factory):
+  """A copy of the session's tiny trained workdir (`--stage=all` done): these tests change it."""
   logging.set_verbosity(logging.WARNING)
-  config = _config()
   workdir = tmp_path_factory.mktemp("stages") / "w"
-  assert cli.main(config, str(workdir), "all") == 0
-  return config, workdir
+  shutil.copytree(tiny_run.workdir, workdir)
+  return _config(), workdir
 
 
 @pytest.mark.integration
