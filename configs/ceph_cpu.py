@@ -1,5 +1,6 @@
 """ISBI 2015 on a CPU: the whole pipeline (SSL, pseudo-labels, TPL, evaluation) on 2 cores in
-about 33 minutes and under 3 GB (measured 32-33 min, 2.7 GB), with the code paths of configs/ceph.py and smaller values.
+about 33 minutes and under 3 GB (measured 32-33 min, 2.7 GB), with the code paths of
+configs/ceph.py and smaller values.
 
   python -m cc2dv2_jax.main --config=configs/ceph_cpu.py --config.data.root=$CC2D_ISBI_ROOT \
       --workdir=workdirs/ceph_cpu --stage=all
