@@ -21,7 +21,8 @@ What is reduced, and why (measured on the 2-core development machine, 2026-12-06
   TPL step of 3 + 1 images. Width 0.125 for 2.5x the steps gave the same SSL error (5.19 vs
   5.22 mm), so steps are not what this scale lacks most.
 * SSL 1,200 steps (reference 61,800), lr 1e-3 halved at 1/3 and 2/3 of the run (the reference
-  halves it every 1/6 of its run; compressed into 1,200 steps that cost 0.2 mm, seed 0).
+  halves it every 1/6 of its run; compressed into 1,200 steps that cost 0.2 / 0.4 mm on
+  seeds 0 / 1).
 * Template pose ensemble (ssl.template_poses, our addition): each landmark's template feature is
   averaged over 9 copies of the template rotated by -10/0/+10 degrees and zoomed by 0.9/1/1.1.
   SSL-only 5.22 -> 4.47 mm and pseudo-labels 5.42 -> 4.78 mm on the same model (seed 0).

@@ -46,18 +46,13 @@ def _snapshot(root):
           for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _config(**overrides):
-  """The config of the session's tiny trained workdir (tests/trained_tiny.py), changed."""
-  return helpers.tiny_config(**overrides)
-
-
 @pytest.fixture(scope="module")
 def finished(tiny_run, tmp_path_factory):
   """A copy of the session's tiny trained workdir (`--stage=all` done): these tests change it."""
   logging.set_verbosity(logging.WARNING)
   workdir = tmp_path_factory.mktemp("stages") / "w"
   shutil.copytree(tiny_run.workdir, workdir)
-  return _config(), workdir
+  return tiny_run.config, workdir
 
 
 @pytest.mark.integration
@@ -69,7 +64,7 @@ def test_tpl_change_retrains_tpl_only(finished, capsys):
   cache_before = _snapshot(workdir / "data_cache")
   tpl_info = json.loads((workdir / "tpl" / "export" / "export.json").read_text())
 
-  changed = _config(**{"tpl.lr": 3 * config.tpl.lr})
+  changed = helpers.tiny_config(**{"tpl.lr": 3 * config.tpl.lr})
   capsys.readouterr()
   # Without --overwrite the finished TPL stage is not thrown away silently.
   assert cli.main(changed, str(workdir), "all") == exit_codes.BAD_INPUT
@@ -93,10 +88,10 @@ def test_tpl_change_retrains_tpl_only(finished, capsys):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_ssl_change_redoes_ssl_and_after_but_keeps_the_data(finished):
-  _, workdir = finished
-  config = _config(**{"tpl.lr": 3 * _config().tpl.lr})  # the current record
+  config, workdir = finished
   cache_before = _snapshot(workdir / "data_cache")
-  changed = _config(**{"tpl.lr": config.tpl.lr, "ssl.rdb.alpha": 0.05})
+  # The record is the TPL-changed config of the test above.
+  changed = helpers.tiny_config(**{"tpl.lr": 3 * config.tpl.lr, "ssl.rdb.alpha": 0.05})
   assert cli.main(changed, str(workdir), "check", overwrite=True) == 0
   for name in ("ssl", "pseudo", "tpl", "eval"):
     assert not (workdir / name).exists(), name
@@ -104,18 +99,18 @@ def test_ssl_change_redoes_ssl_and_after_but_keeps_the_data(finished):
 
 
 def test_change_of_a_stage_not_run_yet_needs_no_overwrite(tmp_path):
-  config = _config()
+  config = helpers.tiny_config()
   workdir = tmp_path / "w"
   assert cli.main(config, str(workdir), "check") == 0
   # Only the data cache exists: a new TPL (or SSL) setting loses nothing, so it is accepted.
-  changed = _config(**{"tpl.lr": 0.5, "ssl.lr": 0.5})
+  changed = helpers.tiny_config(**{"tpl.lr": 0.5, "ssl.lr": 0.5})
   assert cli.main(changed, str(workdir), "check") == 0
   assert json.loads((workdir / "config.json").read_text())["ssl"]["lr"] == 0.5
 
 
 def test_retired_keys_of_old_records_are_no_change(tmp_path):
   """config.json written before `stage` left the config still matches the same config."""
-  config = _config()
+  config = helpers.tiny_config()
   old = json.loads(workdir_lib.config_json(config))
   old["stage"] = "all"
   (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(old))
