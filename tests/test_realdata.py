@@ -1,7 +1,7 @@
 """Real ISBI 2015 radiographs ($CC2D_ISBI_ROOT): the SSL stage learns, pseudo-labels and evaluation run.
 
-One small SSL run (configs/ceph_cpu.py:small: 128 x 128 grid, width-1/4 network, 300 steps,
-about 3 minutes on 2 cores) serves every test here. It runs as a user runs it, `python -m
+One small SSL run (configs/ceph_cpu.py:small: 128 x 128 grid, width-1/4 network, 240 steps,
+about 2 minutes on 2 cores) serves every test here. It runs as a user runs it, `python -m
 cc2dv2_jax.main ... --stage=ssl` on the machine's one CPU device (the session's 4 fake devices
 would split each batch of 8 and cost a fifth more time). Learning is judged against the one-shot
 baseline that learns nothing, "predict the template's coordinates", on the 250 test images and
@@ -77,7 +77,7 @@ def test_pseudo_labels_beat_template_baseline_on_training_images(isbi_run):
   mre = metrics.evaluate_cache(yx, cache, rows)["summary"]["fullres"]["pooled"]["mre"]
   base = helpers.template_baseline_mre(config, workdir, "fullres", split="train")
   # Not the learning test (that is the one above): a check that the pseudo stage carries the
-  # learned matching over to the training images (measured 6.79 mm vs 10.01 mm, seed 0), hence a
+  # learned matching over to the training images (measured 6.86 mm vs 10.01 mm, seed 0), hence a
   # looser bar.
   assert mre < 0.8 * base, f"pseudo-label MRE {mre:.2f} mm vs template baseline {base:.2f} mm"
 
