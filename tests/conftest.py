@@ -9,9 +9,10 @@ import shutil
 import tempfile
 
 # Must happen before jax is imported anywhere. Eigen's intra-op threads are off: two test
-# processes (pytest.ini) already keep both cores busy, and the threads' hand-offs only added CPU
-# work (the fast tier measured 214.6 -> 184.5 CPU-s, 2026-12-07). A convolution, its gradient and
-# matrix products came out bit-identical with and without them.
+# processes (pytest.ini) already keep both cores busy, and in the tests that run real-size steps
+# the threads' hand-offs only add CPU work (test_training_ssl.py + test_bf16.py, one process,
+# 2026-12-07: 129.7 -> 119.5 and 152.2 -> 134.3 CPU-s in two pairs of runs; the fast tier the
+# same either way). A convolution, its gradient and matrix products came out bit-identical.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4"
