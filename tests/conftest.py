@@ -8,15 +8,10 @@ import os
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere. Eigen's intra-op threads are off: two test
-# processes (pytest.ini) already keep both cores busy, and in the tests that run real-size steps
-# the threads' hand-offs only add CPU work (test_training_ssl.py + test_bf16.py, one process,
-# 2026-12-07: 129.7 -> 119.5 and 152.2 -> 134.3 CPU-s in two pairs of runs; the fast tier the
-# same either way). A convolution, its gradient and matrix products came out bit-identical.
+# Must happen before jax is imported anywhere.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=4"
-                           " --xla_cpu_multi_thread_eigen=false").strip()
+                           " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib
