@@ -6,7 +6,7 @@ configs/ceph.py and smaller values.
       --workdir=workdirs/ceph_cpu --stage=all
   --config=configs/ceph_cpu.py:cc2d          no relative distance bias (any ceph.py argument works)
   --config=configs/ceph_cpu.py:root=DIR      the ISBI root as a config argument
-  --config=configs/ceph_cpu.py:small         the real-data learning test's run (about 2
+  --config=configs/ceph_cpu.py:small         the real-data learning test's run (2-2.5
                                              minutes): 128 grid, 240 SSL steps, lr halved at 1/3
                                              and 2/3 of the run; SSL-only full res measured
                                              6.57 / 6.17 / 6.89 (1 device) and 6.89 / 6.72 (4

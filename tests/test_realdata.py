@@ -1,7 +1,7 @@
 """Real ISBI 2015 radiographs ($CC2D_ISBI_ROOT): the SSL stage learns, pseudo-labels and evaluation run.
 
 One small SSL run (configs/ceph_cpu.py:small: 128 x 128 grid, width-1/4 network, 240 steps,
-about 2 minutes on 2 cores) serves every test here. It runs as a user runs it, `python -m
+2-2.5 minutes on 2 cores) serves every test here. It runs as a user runs it, `python -m
 cc2dv2_jax.main ... --stage=ssl` on the machine's one CPU device (the session's 4 fake devices
 would split each batch of 8 and cost a fifth more time). Learning is judged against the one-shot
 baseline that learns nothing, "predict the template's coordinates", on the 250 test images and
