@@ -86,7 +86,7 @@ def get_config(arg=None):
     # Seed 0, full res, SSL-only mm on 1 / 4 devices (the same run, other rounding): 400 steps
     # with six halvings 6.57 / 6.80; 240 steps with six 7.48 / -, with one 6.20 / 7.97 (too
     # sensitive), with two 6.57 / 6.89 (seeds 1, 2: 6.17 / 6.72, 6.89 / -); 300 with two
-    # 6.64 / 6.12, for a fifth more time. Width 1/8, grid 96 or batch 4 at 400 steps: 7.63 /
+    # 6.64 / 6.12, for a quarter more steps. Width 1/8, grid 96 or batch 4 at 400 steps: 7.63 /
     # 7.27 / 7.16 (1 device), too near the bar.
     s.max_seconds = t.max_seconds = 0.0  # a test must not depend on the machine's speed
   return c
