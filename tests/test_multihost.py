@@ -24,6 +24,7 @@ from cc2dv2_jax import stages
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.training import ssl
+from tests import helpers
 from tests.helpers import FAST_COMPILE_ENV
 from tests.helpers import tiny_config
 
@@ -64,8 +65,10 @@ def runs(tmp_path_factory):
            "ssl", json.dumps(OVERRIDES)],
           cwd=REPO, env=_worker_env(), stdout=f, stderr=subprocess.STDOUT))
   try:
-    # The reference run overlaps with the workers (the CPU time is the same, the wait shorter).
-    stages.run("ssl", tiny_config(**OVERRIDES), one)
+    # The reference run overlaps with the workers (the CPU time is the same, the wait shorter),
+    # compiled as they are (FAST_COMPILE_ENV).
+    with helpers.fast_compile():
+      stages.run("ssl", tiny_config(**OVERRIDES), one)
     deadline = time.time() + WORKER_TIMEOUT_S
     for p in procs:
       p.wait(timeout=max(1.0, deadline - time.time()))
