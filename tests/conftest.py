@@ -52,15 +52,11 @@ def fast_compile():
     yield
 
 
-# The longest test groups first (wall seconds in the 745 s suite of 2026-12-07, README "Tests"):
-# with two test processes (pytest.ini, pytest-xdist) each takes the next group as it runs out
-# of work, so the short files are left for the end and both processes finish together (placed
-# like this, a replay of that run's test times finishes 24 s sooner on average than with the six
-# longest files alone placed). test_api.py places the session's tiny_run group (about 75 s).
-LONGEST_FIRST = ("test_realdata.py", "test_gpu_check.py", "test_pipeline_demo.py",  # 265 230 190
-                 "test_reliability_kill.py", "test_ablation.py", "test_api.py",  # 147 97 75
-                 "test_bf16.py", "test_multihost.py", "test_training_ssl.py",  # 70 65 56
-                 "test_models_layers.py")  # 38
+# Files that take a minute or more on 2 cores, longest first (measured, README "Tests"): with two
+# test processes (pytest.ini, pytest-xdist) they start first, so that both processes finish
+# together instead of one starting the real-data run when the other is almost done.
+LONGEST_FIRST = ("test_realdata.py", "test_pipeline_demo.py", "test_gpu_check.py",
+                 "test_reliability_kill.py", "test_multihost.py", "test_ablation.py")
 
 
 def _process_group(item):
