@@ -55,8 +55,8 @@ def fast_compile():
 # Files that take a minute or more on 2 cores, longest first (measured, README "Tests"): with two
 # test processes (pytest.ini, pytest-xdist) they start first, so that both processes finish
 # together instead of one starting the real-data run when the other is almost done. Then
-# test_training_ssl.py (40-50 s), which in alphabetical order came last and left the other
-# process idle for 30-40 s.
+# test_training_ssl.py (40-60 s), which in alphabetical order came last and left the other
+# process idle for 28-38 s (README "Tests").
 LONGEST_FIRST = ("test_realdata.py", "test_pipeline_demo.py", "test_gpu_check.py",
                  "test_reliability_kill.py", "test_multihost.py", "test_ablation.py",
                  "test_training_ssl.py")
