@@ -24,8 +24,8 @@ from cc2dv2_jax import stages
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.training import ssl
-from tests import helpers
 from tests.helpers import FAST_COMPILE_ENV
+from tests.helpers import fast_compile
 from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
   try:
     # The reference run overlaps with the workers (the CPU time is the same, the wait shorter),
     # compiled as they are (FAST_COMPILE_ENV).
-    with helpers.fast_compile():
+    with fast_compile():
       stages.run("ssl", tiny_config(**OVERRIDES), one)
     deadline = time.time() + WORKER_TIMEOUT_S
     for p in procs:
