@@ -74,8 +74,11 @@ bounded() {
   return $rc
 }
 
-# Wheels where the packages are missing (the device image lacks grain and ml-collections).
-if ! python3 -c "import grain, ml_collections" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+# Wheels where the packages are missing (the device image lacks grain and ml-collections). Looked
+# up, not imported: importing grain imports jax (1.5 CPU-s), and envcheck imports both anyway.
+if ! python3 -c "import importlib.util as u, sys
+sys.exit(not all(u.find_spec(m) for m in ('grain', 'ml_collections')))" 2>/dev/null \
+    && ls .whl/*.whl >/dev/null 2>&1; then
   bounded 60 0 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 2; }
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
