@@ -75,7 +75,7 @@ bounded() {
 }
 
 # Wheels where the packages are missing (the device image lacks grain and ml-collections). Looked
-# up, not imported: importing grain imports jax (1.5 CPU-s), and envcheck imports both anyway.
+# up, not imported: importing grain imports jax (~1 CPU-s), and envcheck imports both anyway.
 if ! python3 -c "import importlib.util as u, sys
 sys.exit(not all(u.find_spec(m) for m in ('grain', 'ml_collections')))" 2>/dev/null \
     && ls .whl/*.whl >/dev/null 2>&1; then
