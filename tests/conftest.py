@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Passed on to every process the tests start (~100 Python processes): starting the thread pools
-# of numpy's and scipy's OpenBLAS costs 0.1-0.3 CPU-s per process on 2 cores (measured: import jax
+# of numpy's and scipy's OpenBLAS costs ~0.1 CPU-s per process on 2 cores (measured: import jax
 # 0.69 -> 0.59 CPU-s, import grain 1.07 -> 0.94), and nothing here spends time in BLAS. XLA does
 # not read it. The real-data run gives the same numbers either way (README "Tests").
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
