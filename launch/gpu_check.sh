@@ -97,8 +97,9 @@ TINY=(--config.model.width=0.125 --config.model.embed_dim=16 --config.model.rfb=
       --config.data.size_hw="(64,64)" --config.ssl.patch_size=32 --config.ssl.batch_size=4
       --config.tpl.batch_size=3 --config.ssl.infer_batch_size=8 --config.tpl.infer_batch_size=4)
 # GPU_CHECK_DRYRUN=1: the same commands at that size, in float32 (XLA:CPU compiles the bf16
-# steps several times slower) and with XLA's optimisations off: a check of the plumbing, whose
-# numbers mean nothing.
+# steps several times slower), with XLA's optimisations off and cc2dv2_jax/xla_flags.py's
+# fast-compile flags (148 -> 114 CPU-s for the bench call): a check of the plumbing, whose numbers
+# mean nothing.
 BENCH_TINY=()
 FAST_TINY=()
 # Blocks 1-3 time the cold compile on the GPU, so they keep no persistent cache; the dry run's
@@ -107,6 +108,8 @@ STEP_CACHE=none
 if [ "$DRY" = 1 ]; then
   STEP_CACHE=$SCRATCH/jax_cache
   export JAX_PLATFORMS=cpu JAX_DISABLE_MOST_OPTIMIZATIONS=1
+  XLA_FLAGS="${XLA_FLAGS:-} $(python3 -m cc2dv2_jax.xla_flags)" || exit 2
+  export XLA_FLAGS
   TINY+=(--config.model.dtype=float32)
   BENCH_TINY=("${TINY[@]}" --warmup=1 --iters=2 --naive_iters=1 --infer_batch=4
               --workers=0,1 --pipeline_seconds=0.2)

@@ -8,10 +8,14 @@ import os
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere.
+from cc2dv2_jax import xla_flags  # no JAX: sets nothing, only names flags
+
+# Must happen before jax is imported anywhere. The fast-compile flags (cc2dv2_jax/xla_flags.py:
+# XLA:CPU's older emitters) serve the whole session: most tests compile more than they run. The
+# learning runs start with XLA's defaults (tests/helpers.run_main).
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=4").strip()
+os.environ["XLA_FLAGS"] = xla_flags.with_fast_compile(
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Passed on to every process the tests start (~100 Python processes): starting the thread pools
 # of numpy's and scipy's OpenBLAS costs ~0.1 CPU-s per process on 2 cores (measured: import jax

@@ -7,12 +7,11 @@ import sys
 
 import jax
 
+from cc2dv2_jax import xla_flags
 from cc2dv2_jax.data import dataset
 from cc2dv2_jax.evaluation import evaluate
 from configs import demo
 
-# For the subprocesses of tests that check workflow, not numerics (see `fast_compile`).
-FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +41,14 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def fast_compile_env(devices):
+  """Environment variables for the subprocesses of tests that check workflow, not numerics (see
+  `fast_compile`): `devices` CPU devices, XLA's optimisations off, cc2dv2_jax/xla_flags.py's
+  fast-compile flags."""
+  return {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_FLAGS": xla_flags.with_fast_compile(
+      f"--xla_force_host_platform_device_count={devices}")}
 
 
 @contextlib.contextmanager

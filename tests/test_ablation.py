@@ -170,7 +170,7 @@ def ablation(fast_compile, tmp_path_factory):  # pylint: disable=unused-argument
   cmd = [sys.executable, "-m", "launch.ablate", f"--config={CONFIG}", f"--variants={VARIANTS}",
          "--seeds=0,1", f"--root={root}", f"--extra={EXTRA}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, **helpers.FAST_COMPILE_ENV})
+                        env={**os.environ, **helpers.fast_compile_env(devices=4)})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return root, first, proc.stdout
 

@@ -24,8 +24,8 @@ from cc2dv2_jax import stages
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.errors import ConfigError
 from cc2dv2_jax.training import ssl
-from tests.helpers import FAST_COMPILE_ENV
 from tests.helpers import fast_compile
+from tests.helpers import fast_compile_env
 from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def _worker_env():
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                               "SLURM_", "OMPI_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             CC2D_QUIET_PROGRESS="1", PYTHONPATH=str(REPO), **FAST_COMPILE_ENV)
+  env.update(JAX_PLATFORMS="cpu", CC2D_QUIET_PROGRESS="1", PYTHONPATH=str(REPO),
+             **fast_compile_env(devices=2))
   return env
 
 
@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
           cwd=REPO, env=_worker_env(), stdout=f, stderr=subprocess.STDOUT))
   try:
     # The reference run overlaps with the workers (the CPU time is the same, the wait shorter),
-    # compiled as they are (FAST_COMPILE_ENV).
+    # compiled as they are (fast_compile_env).
     with fast_compile():
       stages.run("ssl", tiny_config(**OVERRIDES), one)
     deadline = time.time() + WORKER_TIMEOUT_S

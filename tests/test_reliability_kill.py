@@ -46,9 +46,8 @@ TIMING_KEYS = ("inference_seconds", "images_per_second")
 
 def _env(cache_dir):
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             CC2D_JAX_CACHE=str(cache_dir), CC2D_QUIET_PROGRESS="1", TF_CPP_MIN_LOG_LEVEL="2",
-             **helpers.FAST_COMPILE_ENV)
+  env.update(JAX_PLATFORMS="cpu", CC2D_JAX_CACHE=str(cache_dir), CC2D_QUIET_PROGRESS="1",
+             TF_CPP_MIN_LOG_LEVEL="2", **helpers.fast_compile_env(devices=1))
   return env
 
 

@@ -5,6 +5,7 @@ record framing over tensorboardX's protos); tensorboard itself, where installed,
 too. A whole (tiny) run is checked in tests/test_api.py's session fixture.
 """
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from cc2dv2_jax import workdir as workdir_lib
 from cc2dv2_jax.training import logs
 from cc2dv2_jax.training import optim
+from tests import helpers
 from tests import trained_tiny
 
 pytest.importorskip("tensorboardX")
@@ -76,6 +78,28 @@ def test_tensorboard_reads_our_events_when_installed(tmp_path):
 def test_no_tensorflow_is_imported(tmp_path):
   _write_run(tmp_path, [1])
   assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.integration
+def test_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX's writer imports torch where it is installed (1.5 s of CPU in every training
+  process); ours is imported without it, and torch stays importable. In a fresh process: this one
+  may hold torch already."""
+  pytest.importorskip("torch")
+  code = ("import pathlib, sys\n"
+          "from cc2dv2_jax.training import logs\n"
+          "w = logs.MetricsWriter(pathlib.Path(sys.argv[1]), 'ssl', total_steps=2)\n"
+          "for s in (1, 2):\n"
+          "  w.write(s, {'loss': 1.0 / s})\n"
+          "w.close()\n"
+          "print('torch' in sys.modules)\n"
+          "import torch\n")
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=helpers.REPO,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["False"], proc.stdout
+  tb = logs.read_tensorboard_scalars(workdir_lib.tensorboard_dir(tmp_path, "ssl"))
+  assert [s for s, _ in tb["loss"]] == [1, 2]
 
 
 @pytest.mark.integration

@@ -13,7 +13,6 @@ Coordinates are [y, x]. Two protocols are reported side by side:
 import logging
 
 import numpy as np
-import scipy.stats
 
 from cc2dv2_jax.data import cache as cache_lib
 from cc2dv2_jax.data import landmarks as lm
@@ -308,6 +307,10 @@ def spearman(a, b):
   b = np.asarray(b, np.float64).ravel()
   if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
     return float("nan")
+  # Imported here: scipy.stats takes ~0.6 s of CPU to import, and bench, predict and check
+  # processes (and runs stopped before their evaluation) import this module, through the
+  # training curves' plots, without calling this.
+  import scipy.stats  # pylint: disable=g-import-not-at-top
   return float(scipy.stats.spearmanr(a, b).statistic)
 
 
