@@ -1,4 +1,4 @@
-"""cc2dv2_jax/xla_flags.py: fast-compile XLA flags only for the jaxlib versions they were checked on."""
+"""cc2dv2_jax/xla_flags.py: fast-compile XLA flags, only for the jaxlib versions checked."""
 import importlib.metadata
 import os
 import subprocess
